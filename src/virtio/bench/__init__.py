@@ -1,0 +1,18 @@
+"""Benchmarks (never timed tests): `virtio bench ring`, `virtio bench blk`."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: virtio bench {ring,blk} [options]  (see `virtio bench ring --help`)")
+        return 0 if argv else 2
+    kind, rest = argv[0], argv[1:]
+    if kind == "ring":
+        from virtio.bench.ring import main as ring_main
+
+        return ring_main(rest)
+    print(f"virtio bench: unknown benchmark {kind!r} (ring, blk)", file=sys.stderr)
+    return 2

@@ -1,0 +1,60 @@
+"""The `virtio` command: one entry point, a sub-command per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+Handler = Callable[[list[str]], int]
+
+
+def _spec_coverage(argv: list[str]) -> int:
+    from virtio.spec.coverage import main
+
+    return main(argv)
+
+
+def _bench(argv: list[str]) -> int:
+    from virtio.bench import main
+
+    return main(argv)
+
+
+COMMANDS: dict[str, tuple[Handler, str]] = {
+    "spec-coverage": (_spec_coverage, "normative blocks covered by the tests, per area"),
+    "bench": (_bench, "benchmarks: `virtio bench ring`, `virtio bench blk`"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="virtio",
+        description="pyvirtio: the VIRTIO 1.4 standard in Python.",
+        epilog="\n".join(f"  {name:<14} {text}" for name, (_, text) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    if not args:
+        parser.print_help()
+        return 2
+    ns = parser.parse_args(args)
+    logging.basicConfig(
+        level=logging.DEBUG if ns.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    handler, _ = COMMANDS[ns.command]
+    try:
+        return handler(ns.args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

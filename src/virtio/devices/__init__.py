@@ -1,0 +1,1 @@
+"""Device types: one package each, holding its wire format, device model and driver."""

@@ -1,0 +1,415 @@
+"""The virtio-blk device model, backed by an image file.
+
+Data moves with ``os.preadv``/``os.pwritev`` straight between the image and
+the guest's buffers: the descriptor views are the I/O vectors, nothing is
+copied in Python.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+from virtio.core.device import RingOptions, VirtioDevice
+from virtio.devices.blk.wire import (
+    BLK_CONFIG,
+    BLK_DISCARD_WRITE_ZEROES,
+    BLK_REQ_HEADER,
+    ID_BYTES,
+    N_BLK_DEV_OP,
+    N_BLK_DRV_OP,
+    S_IOERR,
+    S_OK,
+    S_UNSUPP,
+    SECTOR_SIZE,
+    T_DISCARD,
+    T_FLUSH,
+    T_GET_ID,
+    T_IN,
+    T_OUT,
+    T_SECURE_ERASE,
+    T_WRITE_ZEROES,
+)
+from virtio.queue import Chain
+from virtio.spec import features as F
+from virtio.spec.device_ids import DeviceId
+
+log = logging.getLogger("virtio.blk")
+
+_HDR = BLK_REQ_HEADER.struct
+_SEG = BLK_DISCARD_WRITE_ZEROES.struct
+_IOV_MAX = 1024
+_ZERO_CHUNK = bytes(1 << 20)
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        fn = ctypes.CDLL(name, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], fn)
+
+
+_fallocate = _load_fallocate()
+
+
+@dataclass(frozen=True)
+class BlkOptions:
+    """What a block device offers."""
+
+    read_only: bool = False
+    serial: str = "pyvirtio"
+    num_queues: int = 1
+    logical_block_size: int = 512
+    physical_block_size: int = 4096
+    min_io_size: int = 1  # in logical blocks
+    opt_io_size: int = 0  # in logical blocks
+    discard: bool = True
+    write_zeroes: bool = True
+    secure_erase: bool = False
+    flush: bool = True
+    config_wce: bool = True
+    seg_max: int = 254
+    size_max: int = 0  # 0: no limit (feature not offered)
+    max_discard_sectors: int = 1 << 22
+    max_discard_seg: int = 1
+    max_write_zeroes_sectors: int = 1 << 22
+    max_write_zeroes_seg: int = 1
+    max_secure_erase_sectors: int = 1 << 22
+    max_secure_erase_seg: int = 1
+
+
+class BlkDevice(VirtioDevice):
+    """A block device serving an image file (or any seekable file descriptor)."""
+
+    device_id = DeviceId.BLOCK
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        options: BlkOptions | None = None,
+        *,
+        queue_max_size: int = 256,
+        ring: RingOptions | None = None,
+    ) -> None:
+        self.options = opts = options or BlkOptions()
+        if opts.logical_block_size % SECTOR_SIZE or opts.logical_block_size & (
+            opts.logical_block_size - 1
+        ):
+            raise ValueError("logical block size must be a power of 2, at least 512")
+        if opts.physical_block_size % opts.logical_block_size:
+            raise ValueError("physical block size must be a multiple of the logical one")
+        if not 1 <= opts.num_queues <= 0xFFFF:
+            raise ValueError("num_queues must be 1..65535")
+        self.path = os.fspath(path)
+        flags = os.O_RDONLY if opts.read_only else os.O_RDWR
+        self.fd = os.open(self.path, flags | os.O_CLOEXEC)
+        size = os.fstat(self.fd).st_size
+        if size == 0:
+            size = os.lseek(self.fd, 0, os.SEEK_END)  # block devices report size 0 in stat
+        self.capacity = size // SECTOR_SIZE
+        self.writeback = True
+        self.stats = {"read": 0, "write": 0, "flush": 0, "other": 0, "errors": 0}
+        super().__init__(num_queues=opts.num_queues, queue_max_size=queue_max_size, ring=ring)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- declaration ---------------------------------------------------------------
+
+    def device_features(self) -> int:
+        o = self.options
+        bits = [F.VIRTIO_BLK_F_SEG_MAX, F.VIRTIO_BLK_F_BLK_SIZE, F.VIRTIO_BLK_F_TOPOLOGY]
+        if o.size_max:
+            bits.append(F.VIRTIO_BLK_F_SIZE_MAX)
+        if o.read_only:
+            bits.append(F.VIRTIO_BLK_F_RO)
+        if o.flush:
+            bits.append(F.VIRTIO_BLK_F_FLUSH)
+            if o.config_wce:
+                # CONFIG_WCE is only offered with FLUSH (Block Device Initialization).
+                bits.append(F.VIRTIO_BLK_F_CONFIG_WCE)
+        if o.num_queues > 1:
+            bits.append(F.VIRTIO_BLK_F_MQ)
+        if o.discard and not o.read_only:
+            bits.append(F.VIRTIO_BLK_F_DISCARD)
+        if o.write_zeroes and not o.read_only:
+            bits.append(F.VIRTIO_BLK_F_WRITE_ZEROES)
+        if o.secure_erase and not o.read_only:
+            bits.append(F.VIRTIO_BLK_F_SECURE_ERASE)
+        out = 0
+        for bit in bits:
+            out |= 1 << bit
+        return out
+
+    def config_size(self) -> int:
+        return BLK_CONFIG.size
+
+    def build_config(self) -> None:
+        o = self.options
+        lbs = o.logical_block_size
+        BLK_CONFIG.pack_into(
+            self.config,
+            0,
+            capacity=self.capacity,
+            size_max=o.size_max,
+            seg_max=o.seg_max,
+            blk_size=lbs,
+            physical_block_exp=(o.physical_block_size // lbs).bit_length() - 1,
+            min_io_size=o.min_io_size,
+            opt_io_size=o.opt_io_size,
+            writeback=1,
+            num_queues=o.num_queues,
+            max_discard_sectors=o.max_discard_sectors,
+            max_discard_seg=o.max_discard_seg,
+            discard_sector_alignment=lbs // SECTOR_SIZE,
+            max_write_zeroes_sectors=o.max_write_zeroes_sectors,
+            max_write_zeroes_seg=o.max_write_zeroes_seg,
+            write_zeroes_may_unmap=1 if _fallocate is not None else 0,
+            max_secure_erase_sectors=o.max_secure_erase_sectors,
+            max_secure_erase_seg=o.max_secure_erase_seg,
+            secure_erase_sector_alignment=lbs // SECTOR_SIZE,
+        )
+        self.writeback = True
+
+    def on_driver_ok(self) -> None:
+        # Without CONFIG_WCE, writeback follows FLUSH: with FLUSH negotiated the
+        # cache is writeback; with FLUSH offered but not negotiated every write
+        # must be stable when completed.
+        if self.has(F.VIRTIO_BLK_F_CONFIG_WCE):
+            self.writeback = bool(self.config[BLK_CONFIG.offset_of("writeback")])
+        else:
+            self.writeback = self.has(F.VIRTIO_BLK_F_FLUSH)
+
+    def validate_features(self, features: int) -> str | None:
+        if features >> F.VIRTIO_BLK_F_CONFIG_WCE & 1 and not features >> F.VIRTIO_BLK_F_FLUSH & 1:
+            # Allowed: writeback starts at 0, as the device initialization rules say.
+            self.config[BLK_CONFIG.offset_of("writeback")] = 0
+        return None
+
+    def config_write(self, offset: int, data: bytes) -> bool:
+        wb = BLK_CONFIG.offset_of("writeback")
+        if offset == wb and len(data) == 1 and self.has(F.VIRTIO_BLK_F_CONFIG_WCE):
+            self.config[wb] = 1 if data[0] else 0
+            self.writeback = bool(data[0])
+            if not self.writeback:
+                os.fsync(self.fd)
+            return True
+        return False
+
+    def update_capacity(self) -> None:
+        """Re-read the image size (it was resized) and tell the driver."""
+        size = os.fstat(self.fd).st_size
+        self.capacity = size // SECTOR_SIZE
+        self.update_config(0, self.capacity.to_bytes(8, "little"))
+
+    # -- requests ------------------------------------------------------------------
+
+    def handle_chain(self, queue_index: int, chain: Chain) -> int:
+        if chain.read_len < BLK_REQ_HEADER.size or chain.write_len < 1:
+            # Without a header and a status byte there is nothing to answer.
+            self.fail(
+                f"blk request with {chain.read_len} readable / {chain.write_len} writable bytes "
+                "(needs a 16-byte header and a status byte)",
+                N_BLK_DRV_OP,
+            )
+            return 0
+        first = chain.readable[0]
+        if first.nbytes >= 16:
+            req_type, _reserved, sector = _HDR.unpack_from(first, 0)
+        else:
+            req_type, _reserved, sector = _HDR.unpack(chain.read(0, 16))
+        status_at = chain.write_len - 1
+        try:
+            if req_type == T_IN:
+                status, written = self._read(chain, sector, status_at)
+            elif req_type == T_OUT:
+                status, written = self._write(chain, sector), 0
+            elif req_type == T_FLUSH:
+                status, written = self._flush(), 0
+            elif req_type == T_GET_ID:
+                status, written = self._get_id(chain, status_at)
+            elif req_type in (T_DISCARD, T_WRITE_ZEROES, T_SECURE_ERASE):
+                status, written = self._ranges(chain, req_type), 0
+            else:
+                status, written = S_UNSUPP, 0
+        except OSError as err:
+            log.warning("blk I/O error: %s", err)
+            status, written = S_IOERR, 0
+        if status != S_OK:
+            self.stats["errors"] += 1
+        chain.write(bytes((status,)), status_at)
+        return written + 1
+
+    def _bad(self, why: str) -> int:
+        log.info("blk request refused: %s [%s]", why, N_BLK_DRV_OP)
+        return S_IOERR
+
+    def _check_range(self, sector: int, nbytes: int) -> str | None:
+        if nbytes % SECTOR_SIZE:
+            return f"data length {nbytes} is not a multiple of 512"
+        if sector * SECTOR_SIZE + nbytes > self.capacity * SECTOR_SIZE:
+            return f"sectors {sector}+{nbytes // SECTOR_SIZE} beyond capacity {self.capacity}"
+        return None
+
+    def _read(self, chain: Chain, sector: int, nbytes: int) -> tuple[int, int]:
+        if chain.read_len != BLK_REQ_HEADER.size:
+            return self._bad("read request carries device-readable data"), 0
+        problem = self._check_range(sector, nbytes)
+        if problem:
+            return self._bad(problem), 0
+        self.stats["read"] += 1
+        if nbytes == 0:
+            return S_OK, 0
+        offset = sector * SECTOR_SIZE
+        views = chain.writable_slices(0, nbytes)
+        done = 0
+        while views:
+            batch = views[:_IOV_MAX]
+            got = os.preadv(self.fd, batch, offset + done)
+            want = sum(v.nbytes for v in batch)
+            if got < want:
+                # Past the end of a short image: the rest reads as zeroes.
+                _zero_views(batch, got)
+            done += want
+            views = views[_IOV_MAX:]
+        return S_OK, nbytes
+
+    def _write(self, chain: Chain, sector: int) -> int:
+        nbytes = chain.read_len - BLK_REQ_HEADER.size
+        if self.options.read_only:
+            # MUST be IOERR with no data written when RO is offered.
+            return S_IOERR
+        problem = self._check_range(sector, nbytes)
+        if problem:
+            return self._bad(problem)
+        self.stats["write"] += 1
+        if nbytes:
+            views = chain.readable_slices(BLK_REQ_HEADER.size, nbytes)
+            offset = sector * SECTOR_SIZE
+            for i in range(0, len(views), _IOV_MAX):
+                batch = views[i : i + _IOV_MAX]
+                want = sum(v.nbytes for v in batch)
+                put = os.pwritev(self.fd, batch, offset)
+                if put != want:
+                    _write_all(self.fd, batch, offset, put)
+                offset += want
+        if not self.writeback:
+            os.fdatasync(self.fd)
+        return S_OK
+
+    def _flush(self) -> int:
+        self.stats["flush"] += 1
+        if not self.options.read_only:
+            os.fdatasync(self.fd)
+        return S_OK
+
+    def _get_id(self, chain: Chain, nbytes: int) -> tuple[int, int]:
+        self.stats["other"] += 1
+        if nbytes != ID_BYTES:
+            return self._bad(f"GET_ID data length {nbytes} (must be 20)"), 0
+        ident = self.options.serial.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
+        chain.write(ident, 0)
+        return S_OK, ID_BYTES
+
+    def _ranges(self, chain: Chain, req_type: int) -> int:
+        self.stats["other"] += 1
+        o = self.options
+        feature, max_sectors, max_seg = {
+            T_DISCARD: (F.VIRTIO_BLK_F_DISCARD, o.max_discard_sectors, o.max_discard_seg),
+            T_WRITE_ZEROES: (
+                F.VIRTIO_BLK_F_WRITE_ZEROES,
+                o.max_write_zeroes_sectors,
+                o.max_write_zeroes_seg,
+            ),
+            T_SECURE_ERASE: (
+                F.VIRTIO_BLK_F_SECURE_ERASE,
+                o.max_secure_erase_sectors,
+                o.max_secure_erase_seg,
+            ),
+        }[req_type]
+        if not self.has(feature):
+            return S_UNSUPP
+        if self.options.read_only:
+            return S_IOERR
+        data = chain.read(BLK_REQ_HEADER.size)
+        if not data or len(data) % _SEG.size:
+            return self._bad(f"range data length {len(data)} is not a multiple of 16")
+        segments = [_SEG.unpack_from(data, off) for off in range(0, len(data), _SEG.size)]
+        if len(segments) > max_seg:
+            return self._bad(f"{len(segments)} segments > {max_seg}")
+        for sector, count, flags in segments:
+            if flags & ~1:
+                return S_UNSUPP  # unknown flag: the device MUST answer UNSUPP
+            if req_type == T_DISCARD and flags & 1:
+                return S_UNSUPP  # unmap is not a discard flag
+            if count > max_sectors:
+                return self._bad(f"{count} sectors > {max_sectors}")
+            problem = self._check_range(sector, count * SECTOR_SIZE)
+            if problem:
+                return self._bad(problem)
+        for sector, count, flags in segments:
+            offset, length = sector * SECTOR_SIZE, count * SECTOR_SIZE
+            if req_type == T_DISCARD or (req_type == T_WRITE_ZEROES and flags & 1):
+                if _punch_hole(self.fd, offset, length):
+                    continue
+                if req_type == T_DISCARD:
+                    continue  # discarding is optional; the data may stay
+            _write_zeroes(self.fd, offset, length)
+        if not self.writeback:
+            os.fdatasync(self.fd)
+        return S_OK
+
+
+N_BLK_DEV = N_BLK_DEV_OP
+
+
+def _zero_views(views: list[memoryview], skip: int) -> None:
+    pos = 0
+    for v in views:
+        n = v.nbytes
+        if pos + n > skip:
+            start = max(0, skip - pos)
+            v[start:] = bytes(n - start)
+        pos += n
+
+
+def _write_all(fd: int, views: list[memoryview], offset: int, done: int) -> None:
+    data = b"".join(views)[done:]
+    offset += done
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def _write_zeroes(fd: int, offset: int, length: int) -> None:
+    while length:
+        n = os.pwrite(fd, _ZERO_CHUNK[: min(length, len(_ZERO_CHUNK))], offset)
+        offset += n
+        length -= n
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    if _fallocate is None:
+        return False
+    rc = _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    return bool(rc == 0)
+
+
+__all__ = ["N_BLK_DEV", "N_BLK_DEV_OP", "BlkDevice", "BlkOptions"]

@@ -1,0 +1,561 @@
+"""Packed virtqueues: one descriptor ring plus two event suppression structures.
+
+Availability and use are signalled by the AVAIL/USED flag bits compared with
+each side's wrap counter. :class:`PackedDeviceQueue` and
+:class:`PackedDriverQueue` are the two ends of one :class:`PackedRing`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Sequence
+
+from virtio.errors import GuestMemoryError, RingError
+from virtio.memory import Allocator, Memory
+from virtio.queue.common import (
+    DESC_F_AVAIL,
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_USED,
+    DESC_F_WRITE,
+    LE16,
+    N_MSG_FRAMING,
+    N_PACKED_ALIGN,
+    N_PACKED_DESC_DEV,
+    N_PACKED_INDIRECT,
+    N_PACKED_SG,
+    PVIRTQ_DESC,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    Chain,
+    RingLayout,
+    check_queue_size,
+    encode_notification,
+    fast_region,
+    need_event,
+)
+
+_DESC = PVIRTQ_DESC.struct
+_U16 = LE16.struct
+_EVENT = struct.Struct("<HH")
+_MAX_CHAIN_BYTES = 1 << 32
+_BOTH = DESC_F_AVAIL | DESC_F_USED
+
+
+class PackedRing:
+    """The descriptor ring and the driver/device event suppression areas."""
+
+    def __init__(self, memory: Memory, layout: RingLayout) -> None:
+        if not layout.packed:
+            raise ValueError("a split layout given to a packed ring")
+        check_queue_size(layout.size, packed=True)
+        for addr, align, part in zip(
+            (layout.desc, layout.driver, layout.device),
+            RingLayout.alignments(True),
+            ("descriptor ring", "driver event suppression", "device event suppression"),
+            strict=True,
+        ):
+            if addr % align:
+                raise RingError(f"{part} at {addr:#x} is not {align}-byte aligned", N_PACKED_ALIGN)
+        self.memory = memory
+        self.layout = layout
+        self.size = layout.size
+        try:
+            self.desc = memory.view(layout.desc, 16 * layout.size)
+            self.driver_event = memory.view(layout.driver, 4)
+            self.device_event = memory.view(layout.device, 4)
+        except GuestMemoryError as err:
+            raise RingError(
+                f"virtqueue outside guest memory: {err.message}", N_PACKED_ALIGN
+            ) from err
+
+
+def _event_count(count: int, pos: int, wrap: int, off: int, event_wrap: int, size: int) -> int:
+    """Turn an event (offset, wrap) into the free-running count scale of ``count``.
+
+    ``count`` is how many descriptors have passed, sitting at ring position
+    ``pos`` with wrap counter ``wrap``; an event with the other wrap counter
+    belongs to the previous lap.
+    """
+    event = count - pos + off
+    if event_wrap != wrap:
+        event -= size
+    return event
+
+
+class PackedDeviceQueue:
+    """The device's end of a packed virtqueue."""
+
+    packed = True
+
+    def __init__(
+        self,
+        ring: PackedRing,
+        *,
+        indirect: bool = False,
+        event_idx: bool = False,
+        in_order: bool = False,
+    ) -> None:
+        self.ring = ring
+        self.size = ring.size
+        self.indirect = indirect
+        self.event_idx = event_idx
+        self.in_order = in_order
+        self.reset()
+
+    def reset(self) -> None:
+        self.next_avail = 0
+        self.avail_wrap = 1
+        self.next_used = 0
+        self.used_wrap = 1
+        # Free-running counts of descriptors passed, for event suppression maths.
+        self._used_count = 0
+        self._signalled = 0
+        self._signalled_valid = False
+        self._inflight = 0
+
+    def set_base(self, next_avail: int, avail_wrap: int, next_used: int, used_wrap: int) -> None:
+        """Resume at a saved position (vhost-user SET_VRING_BASE)."""
+        if not (0 <= next_avail < self.size and 0 <= next_used < self.size):
+            raise ValueError("packed ring position outside the ring")
+        self.next_avail, self.avail_wrap = next_avail, avail_wrap & 1
+        self.next_used, self.used_wrap = next_used, used_wrap & 1
+        self._signalled_valid = False
+
+    def _is_avail(self, flags: int, wrap: int) -> bool:
+        avail = 1 if flags & DESC_F_AVAIL else 0
+        used = 1 if flags & DESC_F_USED else 0
+        return avail == wrap and used != wrap
+
+    def has_available(self) -> bool:
+        flags = _U16.unpack_from(self.ring.desc, (self.next_avail << 4) + 14)[0]
+        return self._is_avail(flags, self.avail_wrap)
+
+    def pop(self) -> Chain | None:
+        chains = self.pop_many(1)
+        return chains[0] if chains else None
+
+    def pop_many(self, limit: int = 1 << 16) -> list[Chain]:
+        ring = self.ring
+        desc = ring.desc
+        size = self.size
+        iovecs = ring.memory.iovecs
+        r_gpa, r_size, r_view = fast_region(ring.memory)
+        unpack = _DESC.unpack_from
+        out: list[Chain] = []
+        append = out.append
+        pos = self.next_avail
+        wrap = self.avail_wrap
+        # Available means AVAIL == wrap counter and USED != wrap counter.
+        ready = DESC_F_AVAIL if wrap else DESC_F_USED
+        count = 0
+        while count < limit:
+            addr, length, buf_id, flags = unpack(desc, pos << 4)
+            if flags & _BOTH != ready:
+                break
+            if self._inflight >= size:
+                raise RingError(f"more than {size} descriptors made available at once", N_PACKED_SG)
+            if flags & (DESC_F_NEXT | DESC_F_INDIRECT):
+                chain, pos, wrap = self._walk(pos, wrap)
+                ready = DESC_F_AVAIL if wrap else DESC_F_USED
+                self._inflight += chain.slots
+            else:
+                off = addr - r_gpa
+                if off >= 0 and off + length <= r_size:
+                    views: tuple[memoryview, ...] = (r_view[off : off + length],)
+                else:
+                    try:
+                        views = tuple(iovecs(addr, length))
+                    except GuestMemoryError as err:
+                        raise RingError(
+                            f"descriptor at {pos}: {err.message}", N_PACKED_DESC_DEV
+                        ) from err
+                if flags & DESC_F_WRITE:
+                    chain = Chain(buf_id, (), views, 0, length, 1)
+                else:
+                    chain = Chain(buf_id, views, (), length, 0, 1)
+                pos += 1
+                if pos == size:
+                    pos = 0
+                    wrap ^= 1
+                    ready = DESC_F_AVAIL if wrap else DESC_F_USED
+                self._inflight += 1
+            append(chain)
+            count += 1
+            # Commit progress per chain, so an error leaves earlier chains popped.
+            self.next_avail = pos
+            self.avail_wrap = wrap
+        return out
+
+    def _walk(self, pos: int, wrap: int) -> tuple[Chain, int, int]:
+        ring = self.ring
+        desc = ring.desc
+        size = self.size
+        memory = ring.memory
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        read_len = write_len = 0
+        slots = 0
+        start = pos
+        while True:
+            addr, length, buf_id, flags = _DESC.unpack_from(desc, pos << 4)
+            if slots and not self._is_avail(flags, wrap):
+                raise RingError(
+                    f"chain at {start}: descriptor {pos} is not available yet", N_PACKED_SG
+                )
+            slots += 1
+            if slots > size:
+                raise RingError(f"chain at {start} is longer than the queue", N_PACKED_SG)
+            pos += 1
+            if pos == size:
+                pos = 0
+                wrap ^= 1
+            if flags & DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise RingError(
+                        "INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC", N_PACKED_INDIRECT
+                    )
+                if flags & DESC_F_NEXT or slots > 1:
+                    raise RingError(
+                        "INDIRECT descriptor inside a NEXT-linked list", N_PACKED_INDIRECT
+                    )
+                if length == 0 or length % 16:
+                    raise RingError(
+                        f"indirect table length {length} is not a non-zero multiple of 16",
+                        N_PACKED_INDIRECT,
+                    )
+                if length // 16 > size:
+                    raise RingError(
+                        f"indirect table of {length // 16} exceeds the queue size",
+                        N_PACKED_INDIRECT,
+                    )
+                try:
+                    table = memory.view(addr, length)
+                except GuestMemoryError as err:
+                    raise RingError(f"indirect table: {err.message}", N_PACKED_INDIRECT) from err
+                for i in range(length // 16):
+                    t_addr, t_len, _t_id, t_flags = _DESC.unpack_from(table, i << 4)
+                    if t_flags & ~DESC_F_WRITE:
+                        raise RingError(
+                            f"indirect entry {i} sets flags {t_flags:#x} (only WRITE allowed)",
+                            N_PACKED_INDIRECT,
+                        )
+                    read_len, write_len = self._add_segment(
+                        memory, t_addr, t_len, t_flags, readable, writable, read_len, write_len
+                    )
+                return Chain(buf_id, readable, writable, read_len, write_len, 1), pos, wrap
+            read_len, write_len = self._add_segment(
+                memory, addr, length, flags, readable, writable, read_len, write_len
+            )
+            if not flags & DESC_F_NEXT:
+                return Chain(buf_id, readable, writable, read_len, write_len, slots), pos, wrap
+
+    @staticmethod
+    def _add_segment(
+        memory: Memory,
+        addr: int,
+        length: int,
+        flags: int,
+        readable: list[memoryview],
+        writable: list[memoryview],
+        read_len: int,
+        write_len: int,
+    ) -> tuple[int, int]:
+        try:
+            views = memory.iovecs(addr, length)
+        except GuestMemoryError as err:
+            raise RingError(f"descriptor: {err.message}", N_PACKED_DESC_DEV) from err
+        if flags & DESC_F_WRITE:
+            writable.extend(views)
+            write_len += length
+        else:
+            if writable:
+                raise RingError("device-readable descriptor after a writable one", N_MSG_FRAMING)
+            readable.extend(views)
+            read_len += length
+        if read_len + write_len >= _MAX_CHAIN_BYTES:
+            raise RingError("chain is 2^32 bytes or longer", N_PACKED_SG)
+        return read_len, write_len
+
+    # -- used side -------------------------------------------------------------
+
+    def push(self, chain: Chain, written: int) -> None:
+        self.push_many(((chain, written),))
+
+    def push_many(self, items: Sequence[tuple[Chain, int]]) -> None:
+        """Write used descriptors; in order, one descriptor covers the whole batch."""
+        if not items:
+            return
+        desc = self.ring.desc
+        size = self.size
+        pos = self.next_used
+        wrap = self.used_wrap
+        if self.in_order:
+            slots = sum(chain.slots for chain, _ in items)
+            last, written = items[-1]
+            batches: Sequence[tuple[Chain, int, int]] = ((last, written, slots),)
+        else:
+            batches = [(chain, written, chain.slots) for chain, written in items]
+        for chain, written, slots in batches:
+            flags = (_BOTH if wrap else 0) | (DESC_F_WRITE if written else 0)
+            off = pos << 4
+            # id and len land before the flags that hand the descriptor back.
+            _DESC.pack_into(desc, off, 0, written, chain.head, 0)
+            _U16.pack_into(desc, off + 14, flags)
+            pos += slots
+            if pos >= size:
+                pos -= size
+                wrap ^= 1
+            self._used_count += slots
+            self._inflight -= slots
+        self.next_used = pos
+        self.used_wrap = wrap
+
+    def needs_notify(self) -> bool:
+        new = self._used_count
+        old = self._signalled
+        valid = self._signalled_valid
+        self._signalled = new
+        self._signalled_valid = True
+        off_wrap, flags = _EVENT.unpack_from(self.ring.driver_event, 0)
+        flags &= 3
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags == RING_EVENT_FLAGS_DESC and self.event_idx:
+            if not valid:
+                return True
+            event = _event_count(
+                new, self.next_used, self.used_wrap, off_wrap & 0x7FFF, off_wrap >> 15, self.size
+            )
+            return need_event(event & 0xFFFF, new & 0xFFFF, old & 0xFFFF)
+        return True
+
+    def disable_notifications(self) -> None:
+        _EVENT.pack_into(self.ring.device_event, 0, 0, RING_EVENT_FLAGS_DISABLE)
+
+    def enable_notifications(self) -> bool:
+        if self.event_idx:
+            off_wrap = self.next_avail | self.avail_wrap << 15
+            _EVENT.pack_into(self.ring.device_event, 0, off_wrap, RING_EVENT_FLAGS_DESC)
+        else:
+            _EVENT.pack_into(self.ring.device_event, 0, 0, RING_EVENT_FLAGS_ENABLE)
+        return self.has_available()
+
+
+class PackedDriverQueue:
+    """The driver's end of a packed virtqueue."""
+
+    packed = True
+
+    def __init__(
+        self,
+        ring: PackedRing,
+        *,
+        indirect: bool = False,
+        event_idx: bool = False,
+        in_order: bool = False,
+        allocator: Allocator | None = None,
+        vq_index: int = 0,
+    ) -> None:
+        self.ring = ring
+        self.size = ring.size
+        self.indirect = indirect and allocator is not None
+        self.event_idx = event_idx
+        self.in_order = in_order
+        self.allocator = allocator
+        self.vq_index = vq_index
+        self.reset()
+
+    def reset(self) -> None:
+        ring = self.ring
+        ring.desc[:] = bytes(len(ring.desc))
+        ring.driver_event[:] = bytes(4)
+        ring.device_event[:] = bytes(4)
+        size = self.size
+        self.next_avail = 0
+        self.avail_wrap = 1
+        self.next_used = 0
+        self.used_wrap = 1
+        self.num_free = size
+        self._avail_count = 0
+        self._kicked = 0
+        self._free_ids: list[int] = list(range(size - 1, -1, -1))
+        self._tokens: list[object | None] = [None] * size
+        self._slots: list[int] = [0] * size
+        self._in_len: list[int] = [0] * size
+        self._live: list[bool] = [False] * size
+        self._indirect_tables: dict[int, int] = {}
+        self._outstanding: deque[int] = deque()
+
+    def add(
+        self,
+        out: Sequence[tuple[int, int]],
+        in_: Sequence[tuple[int, int]] = (),
+        token: object = None,
+        *,
+        use_indirect: bool | None = None,
+    ) -> int:
+        total = len(out) + len(in_)
+        if total == 0:
+            raise ValueError("a buffer needs at least one segment")
+        if use_indirect is None:
+            use_indirect = self.indirect and total > 1
+        elif use_indirect and self.allocator is None:
+            raise ValueError("indirect descriptors need an allocator")
+        segments = [(a, n, 0) for a, n in out] + [(a, n, DESC_F_WRITE) for a, n in in_]
+        if sum(n for _, n, _ in segments) >= 1 << 32:
+            raise ValueError("a descriptor chain must be shorter than 2^32 bytes")
+        slots = 1 if use_indirect else total
+        if slots > self.num_free or not self._free_ids:
+            raise BufferError("virtqueue full")
+        if total > self.size:
+            raise ValueError(f"chain of {total} exceeds the queue size {self.size}")
+        buf_id = self._free_ids.pop()
+        ring = self.ring
+        desc = ring.desc
+        if use_indirect:
+            assert self.allocator is not None
+            table_addr = self.allocator.alloc(16 * total, 16)
+            table = bytearray(16 * total)
+            for i, (addr, length, flags) in enumerate(segments):
+                _DESC.pack_into(table, 16 * i, addr, length, 0, flags)
+            ring.memory.write(table_addr, table)
+            self._indirect_tables[buf_id] = table_addr
+            entries = [(table_addr, 16 * total, DESC_F_INDIRECT)]
+        else:
+            entries = [
+                (addr, length, flags | (DESC_F_NEXT if i < total - 1 else 0))
+                for i, (addr, length, flags) in enumerate(segments)
+            ]
+        first = self.next_avail
+        first_flags = 0
+        pos = first
+        wrap = self.avail_wrap
+        for i, (addr, length, flags) in enumerate(entries):
+            bits = DESC_F_AVAIL if wrap else DESC_F_USED
+            if i == 0:
+                # Flags 0 never read as available, whatever the wrap counter.
+                first_flags = flags | bits
+                _DESC.pack_into(desc, pos << 4, addr, length, buf_id, 0)
+            else:
+                _DESC.pack_into(desc, pos << 4, addr, length, buf_id, flags | bits)
+            pos += 1
+            if pos == self.size:
+                pos = 0
+                wrap ^= 1
+        # The first descriptor's flags go last: that makes the whole list available.
+        _U16.pack_into(desc, (first << 4) + 14, first_flags)
+        self.next_avail = pos
+        self.avail_wrap = wrap
+        self.num_free -= slots
+        self._avail_count += slots
+        self._tokens[buf_id] = token
+        self._slots[buf_id] = slots
+        self._in_len[buf_id] = sum(n for _, n in in_)
+        self._live[buf_id] = True
+        self._outstanding.append(buf_id)
+        return buf_id
+
+    def kick_needed(self) -> bool:
+        new = self._avail_count
+        old = self._kicked
+        self._kicked = new
+        if new == old:
+            return False
+        off_wrap, flags = _EVENT.unpack_from(self.ring.device_event, 0)
+        flags &= 3
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags == RING_EVENT_FLAGS_DESC and self.event_idx:
+            event = _event_count(
+                new, self.next_avail, self.avail_wrap, off_wrap & 0x7FFF, off_wrap >> 15, self.size
+            )
+            return need_event(event & 0xFFFF, new & 0xFFFF, old & 0xFFFF)
+        return True
+
+    def notification_value(self, vqn: int | None = None) -> int:
+        return encode_notification(
+            self.vq_index if vqn is None else vqn, self.next_avail, self.avail_wrap
+        )
+
+    def has_used(self) -> bool:
+        flags = _U16.unpack_from(self.ring.desc, (self.next_used << 4) + 14)[0]
+        return self._is_used(flags)
+
+    def _is_used(self, flags: int) -> bool:
+        avail = 1 if flags & DESC_F_AVAIL else 0
+        used = 1 if flags & DESC_F_USED else 0
+        return avail == used == self.used_wrap
+
+    def get_used(self) -> list[tuple[object, int]]:
+        desc = self.ring.desc
+        out: list[tuple[object, int]] = []
+        while self._outstanding:
+            pos = self.next_used
+            _addr, written, buf_id, flags = _DESC.unpack_from(desc, pos << 4)
+            if not self._is_used(flags):
+                break
+            if buf_id >= self.size or not self._live[buf_id]:
+                raise RingError(
+                    f"used buffer id {buf_id} was never made available", N_PACKED_DESC_DEV
+                )
+            if not flags & DESC_F_WRITE:
+                written = 0
+            if written > self._in_len[buf_id]:
+                raise RingError(
+                    f"used len {written} exceeds the {self._in_len[buf_id]} writable bytes of "
+                    f"buffer {buf_id}",
+                    N_PACKED_DESC_DEV,
+                )
+            if self.in_order:
+                slots = 0
+                while True:
+                    first = self._outstanding.popleft()
+                    slots += self._slots[first]
+                    done = written if first == buf_id else self._in_len[first]
+                    out.append((self._release(first), done))
+                    if first == buf_id:
+                        break
+            else:
+                self._outstanding.remove(buf_id)
+                slots = self._slots[buf_id]
+                out.append((self._release(buf_id), written))
+            pos += slots
+            if pos >= self.size:
+                pos -= self.size
+                self.used_wrap ^= 1
+            self.next_used = pos
+        return out
+
+    def _release(self, buf_id: int) -> object:
+        token = self._tokens[buf_id]
+        self._tokens[buf_id] = None
+        self._live[buf_id] = False
+        self.num_free += self._slots[buf_id]
+        self._free_ids.append(buf_id)
+        table = self._indirect_tables.pop(buf_id, None)
+        if table is not None and self.allocator is not None:
+            self.allocator.free(table)
+        return token
+
+    def disable_interrupts(self) -> None:
+        _EVENT.pack_into(self.ring.driver_event, 0, 0, RING_EVENT_FLAGS_DISABLE)
+
+    def enable_interrupts(self) -> bool:
+        if self.event_idx:
+            off_wrap = self.next_used | self.used_wrap << 15
+            _EVENT.pack_into(self.ring.driver_event, 0, off_wrap, RING_EVENT_FLAGS_DESC)
+        else:
+            _EVENT.pack_into(self.ring.driver_event, 0, 0, RING_EVENT_FLAGS_ENABLE)
+        return self.has_used()
+
+    def detach_unused(self) -> list[object]:
+        tokens = [self._release(buf_id) for buf_id in list(self._outstanding)]
+        self._outstanding.clear()
+        return tokens
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._outstanding)

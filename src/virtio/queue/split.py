@@ -1,0 +1,595 @@
+"""Split virtqueues: the descriptor table, available ring and used ring.
+
+:class:`SplitRing` is the shared memory model; :class:`SplitDeviceQueue` and
+:class:`SplitDriverQueue` are its two ends. Neither trusts the other: every
+index, descriptor and length read from shared memory is checked, and a
+violation raises :class:`~virtio.errors.RingError` naming the normative id.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections import deque
+from collections.abc import Sequence
+
+from virtio.errors import GuestMemoryError, RingError
+from virtio.memory import Allocator, Memory
+from virtio.queue.common import (
+    AVAIL_F_NO_INTERRUPT,
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    LE16,
+    N_ALIGN,
+    N_AVAIL_RING,
+    N_DESC_TABLE,
+    N_INDIRECT,
+    N_MSG_FRAMING,
+    N_USED_RING_DEV,
+    USED_F_NO_NOTIFY,
+    VIRTQ_DESC,
+    VIRTQ_USED_ELEM,
+    Chain,
+    RingLayout,
+    check_queue_size,
+    encode_notification,
+    fast_region,
+    need_event,
+)
+
+_DESC = VIRTQ_DESC.struct
+_ELEM = VIRTQ_USED_ELEM.struct
+_U16 = LE16.struct
+_TWO_U16 = struct.Struct("<HH")
+_MAX_CHAIN_BYTES = 1 << 32
+
+
+class SplitRing:
+    """The three parts of a split virtqueue mapped from memory."""
+
+    def __init__(self, memory: Memory, layout: RingLayout) -> None:
+        if layout.packed:
+            raise ValueError("a packed layout given to a split ring")
+        check_queue_size(layout.size, packed=False)
+        for addr, align, part in zip(
+            (layout.desc, layout.driver, layout.device),
+            RingLayout.alignments(False),
+            ("descriptor table", "available ring", "used ring"),
+            strict=True,
+        ):
+            if addr % align:
+                raise RingError(f"{part} at {addr:#x} is not {align}-byte aligned", N_ALIGN)
+        self.memory = memory
+        self.layout = layout
+        self.size = layout.size
+        self.mask = layout.size - 1
+        desc_len, avail_len, used_len = RingLayout.part_sizes(layout.size, False)
+        try:
+            self.desc = memory.view(layout.desc, desc_len)
+            self.avail = memory.view(layout.driver, avail_len)
+            self.used = memory.view(layout.device, used_len)
+        except GuestMemoryError as err:
+            raise RingError(f"virtqueue outside guest memory: {err.message}", N_ALIGN) from err
+        # Native u16 view of the available ring entries, where the host is little-endian.
+        self._avail16 = (
+            self.avail[4 : 4 + 2 * self.size].cast("H") if sys.byteorder == "little" else None
+        )
+        # Offsets of the event-index words that trail each ring.
+        self.used_event_off = 4 + 2 * self.size
+        self.avail_event_off = 4 + 8 * self.size
+
+    def avail_entries(self, start: int, count: int) -> list[int]:
+        """``count`` available-ring entries from slot ``start`` (no wrap)."""
+        if self._avail16 is not None:
+            return self._avail16[start : start + count].tolist()
+        return list(struct.unpack_from(f"<{count}H", self.avail, 4 + 2 * start))
+
+
+class SplitDeviceQueue:
+    """The device's end of a split virtqueue."""
+
+    packed = False
+
+    def __init__(
+        self,
+        ring: SplitRing,
+        *,
+        indirect: bool = False,
+        event_idx: bool = False,
+        in_order: bool = False,
+    ) -> None:
+        self.ring = ring
+        self.size = ring.size
+        self.indirect = indirect
+        self.event_idx = event_idx
+        self.in_order = in_order
+        self.last_avail = 0  # next available-ring slot to read (free-running u16)
+        self.used_idx = 0  # our copy of used->idx
+        self._signalled = 0
+        self._signalled_valid = False
+        self._inflight = 0
+
+    # -- state for save/restore (vhost-user GET/SET_VRING_BASE) --------------
+
+    def set_base(self, last_avail: int, used_idx: int | None = None) -> None:
+        self.last_avail = last_avail & 0xFFFF
+        self.used_idx = (
+            _U16.unpack_from(self.ring.used, 2)[0] if used_idx is None else used_idx & 0xFFFF
+        )
+        self._signalled_valid = False
+        self._inflight = (self.last_avail - self.used_idx) & 0xFFFF
+
+    def reset(self) -> None:
+        """Forget all ring state (queue reset): nothing popped, nothing used."""
+        self.last_avail = 0
+        self.used_idx = 0
+        self._signalled = 0
+        self._signalled_valid = False
+        self._inflight = 0
+
+    # -- available side --------------------------------------------------------
+
+    def avail_idx(self) -> int:
+        return int(_U16.unpack_from(self.ring.avail, 2)[0])
+
+    def pending(self) -> int:
+        """How many buffers the driver has made available and we have not popped."""
+        n = (self.avail_idx() - self.last_avail) & 0xFFFF
+        if n > self.size:
+            raise RingError(
+                f"available idx is {n} entries ahead of the device (queue size {self.size})",
+                N_AVAIL_RING,
+            )
+        return n
+
+    def pop(self) -> Chain | None:
+        chains = self.pop_many(1)
+        return chains[0] if chains else None
+
+    def pop_many(self, limit: int = 1 << 16) -> list[Chain]:
+        """Pop up to ``limit`` available chains, reading the available idx once."""
+        ring = self.ring
+        avail = ring.avail
+        avail_idx = _U16.unpack_from(avail, 2)[0]
+        last = self.last_avail
+        n = (avail_idx - last) & 0xFFFF
+        if n == 0:
+            return []
+        if n + self._inflight > self.size:
+            raise RingError(
+                f"available idx {avail_idx} is {n} entries ahead of the device with "
+                f"{self._inflight} in flight (queue size {self.size})",
+                N_AVAIL_RING,
+            )
+        if n > limit:
+            n = limit
+        size = self.size
+        start = last & ring.mask
+        # All heads of the batch in one or two slices of the ring.
+        if start + n <= size:
+            heads = ring.avail_entries(start, n)
+        else:
+            heads = ring.avail_entries(start, size - start) + ring.avail_entries(
+                0, n - (size - start)
+            )
+        desc = ring.desc
+        memory = ring.memory
+        iovecs = memory.iovecs
+        # The region holding most buffers, checked inline before the general lookup.
+        r_gpa, r_size, r_view = fast_region(memory)
+        unpack_desc = _DESC.unpack_from
+        out: list[Chain] = []
+        append = out.append
+        popped = 0
+        try:
+            for head in heads:
+                if head >= size:
+                    raise RingError(f"available head {head} >= queue size {size}", N_AVAIL_RING)
+                addr, length, flags, _next = unpack_desc(desc, head << 4)
+                popped += 1
+                if flags & (DESC_F_NEXT | DESC_F_INDIRECT):
+                    append(self._walk(head))
+                    continue
+                # The common case: one direct descriptor.
+                off = addr - r_gpa
+                if off >= 0 and off + length <= r_size:
+                    views: tuple[memoryview, ...] = (r_view[off : off + length],)
+                else:
+                    try:
+                        views = tuple(iovecs(addr, length))
+                    except GuestMemoryError as err:
+                        raise RingError(f"descriptor {head}: {err.message}", N_DESC_TABLE) from err
+                if flags & DESC_F_WRITE:
+                    append(Chain(head, (), views, 0, length, 1))
+                else:
+                    append(Chain(head, views, (), length, 0, 1))
+        finally:
+            self.last_avail = (last + popped) & 0xFFFF
+            self._inflight += len(out)
+        return out
+
+    def _walk(self, head: int) -> Chain:
+        """Follow a chain with NEXT and/or INDIRECT descriptors, checking everything."""
+        ring = self.ring
+        memory = ring.memory
+        table = ring.desc
+        table_size = self.size
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        read_len = write_len = 0
+        index = head
+        seen = 0
+        in_indirect = False
+        r_gpa, r_size, r_view = fast_region(memory)
+        while True:
+            addr, length, flags, nxt = _DESC.unpack_from(table, index << 4)
+            seen += 1
+            if seen > table_size:
+                raise RingError(
+                    f"chain at head {head} is longer than its table ({table_size}): a loop",
+                    N_DESC_TABLE,
+                )
+            if flags & DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise RingError(
+                        "INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC", N_INDIRECT
+                    )
+                if in_indirect:
+                    raise RingError("INDIRECT descriptor inside an indirect table", N_INDIRECT)
+                if flags & DESC_F_NEXT:
+                    raise RingError("descriptor has both INDIRECT and NEXT", N_INDIRECT)
+                if length == 0 or length % 16:
+                    raise RingError(
+                        f"indirect table length {length} is not a non-zero multiple of 16",
+                        N_INDIRECT,
+                    )
+                try:
+                    table = memory.view(addr, length)
+                except GuestMemoryError as err:
+                    raise RingError(f"indirect table: {err.message}", N_INDIRECT) from err
+                table_size = length // 16
+                index = 0
+                seen = 0
+                in_indirect = True
+                continue
+            off = addr - r_gpa
+            if off >= 0 and off + length <= r_size:
+                views = [r_view[off : off + length]]
+            else:
+                try:
+                    views = memory.iovecs(addr, length)
+                except GuestMemoryError as err:
+                    raise RingError(
+                        f"descriptor at head {head}: {err.message}", N_DESC_TABLE
+                    ) from err
+            if flags & DESC_F_WRITE:
+                writable.extend(views)
+                write_len += length
+            else:
+                if writable:
+                    raise RingError(
+                        f"chain at head {head}: device-readable descriptor after a writable one",
+                        N_MSG_FRAMING,
+                    )
+                readable.extend(views)
+                read_len += length
+            if read_len + write_len >= _MAX_CHAIN_BYTES:
+                raise RingError(f"chain at head {head} is 2^32 bytes or longer", N_DESC_TABLE)
+            if not flags & DESC_F_NEXT:
+                return Chain(head, readable, writable, read_len, write_len)
+            index = nxt
+            if index >= table_size:
+                raise RingError(
+                    f"chain at head {head}: next {index} >= table size {table_size}",
+                    N_INDIRECT if in_indirect else N_DESC_TABLE,
+                )
+
+    # -- used side -------------------------------------------------------------
+
+    def push(self, chain: Chain, written: int) -> None:
+        """Return one buffer to the driver with ``written`` bytes written."""
+        ring = self.ring
+        used = ring.used
+        idx = self.used_idx
+        _ELEM.pack_into(used, 4 + ((idx & ring.mask) << 3), chain.head, written)
+        idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        self._inflight -= 1
+        # The element is in place before idx moves: the driver reads them in that order.
+        _U16.pack_into(used, 2, idx)
+
+    def push_many(self, items: Sequence[tuple[Chain, int]]) -> None:
+        """Return several buffers, publishing the used idx once.
+
+        With VIRTIO_F_IN_ORDER only the last buffer's entry is written, and the
+        idx moves by the batch size: the driver counts the skipped ones as used.
+        """
+        if not items:
+            return
+        ring = self.ring
+        used = ring.used
+        mask = ring.mask
+        idx = self.used_idx
+        pack = _ELEM.pack_into
+        if self.in_order:
+            chain, written = items[-1]
+            pack(used, 4 + ((idx & mask) << 3), chain.head, written)
+            idx = (idx + len(items)) & 0xFFFF
+        else:
+            for chain, written in items:
+                pack(used, 4 + ((idx & mask) << 3), chain.head, written)
+                idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        self._inflight -= len(items)
+        _U16.pack_into(used, 2, idx)
+
+    def needs_notify(self) -> bool:
+        """Whether the driver wants a used-buffer notification for what was pushed."""
+        new = self.used_idx
+        old = self._signalled
+        valid = self._signalled_valid
+        self._signalled = new
+        self._signalled_valid = True
+        if self.event_idx:
+            if not valid:
+                return True
+            event = _U16.unpack_from(self.ring.avail, self.ring.used_event_off)[0]
+            return need_event(event, new, old)
+        # Without event idx the device must notify unless the driver set NO_INTERRUPT
+        # (it ignores used_event, as the device requirement says).
+        return not (_U16.unpack_from(self.ring.avail, 0)[0] & AVAIL_F_NO_INTERRUPT)
+
+    def disable_notifications(self) -> None:
+        """Ask the driver not to kick (a hint; the device still copes with kicks)."""
+        if not self.event_idx:
+            _U16.pack_into(self.ring.used, 0, USED_F_NO_NOTIFY)
+
+    def enable_notifications(self) -> bool:
+        """Ask for kicks again; True if buffers arrived meanwhile (process them)."""
+        if self.event_idx:
+            _U16.pack_into(self.ring.used, self.ring.avail_event_off, self.last_avail)
+        else:
+            _U16.pack_into(self.ring.used, 0, 0)
+        return self.avail_idx() != self.last_avail
+
+
+class SplitDriverQueue:
+    """The driver's end of a split virtqueue.
+
+    Buffers are given as guest (or IOVA) address ranges; ``add`` returns the
+    head descriptor index, and ``get_used`` returns the caller's token.
+    """
+
+    packed = False
+
+    def __init__(
+        self,
+        ring: SplitRing,
+        *,
+        indirect: bool = False,
+        event_idx: bool = False,
+        in_order: bool = False,
+        allocator: Allocator | None = None,
+        vq_index: int = 0,
+    ) -> None:
+        self.ring = ring
+        self.size = ring.size
+        self.indirect = indirect and allocator is not None
+        self.event_idx = event_idx
+        self.in_order = in_order
+        self.allocator = allocator
+        self.vq_index = vq_index
+        self.reset()
+
+    def reset(self) -> None:
+        """Clear the rings and all bookkeeping (device reset or queue reset)."""
+        ring = self.ring
+        ring.desc[:] = bytes(len(ring.desc))
+        ring.avail[:] = bytes(len(ring.avail))
+        # The driver MUST initialize the used ring's flags to 0.
+        ring.used[:] = bytes(len(ring.used))
+        size = self.size
+        self.avail_idx = 0
+        self.last_used = 0
+        self._kicked = 0
+        self.num_free = size
+        self._free: list[int] = list(range(size - 1, -1, -1))
+        self._next_desc = 0
+        self._tokens: list[object | None] = [None] * size
+        self._ndesc: list[int] = [0] * size
+        self._in_len: list[int] = [0] * size
+        self._descs: list[list[int] | None] = [None] * size
+        self._indirect_tables: dict[int, int] = {}
+        self._outstanding: deque[int] = deque()
+
+    def add(
+        self,
+        out: Sequence[tuple[int, int]],
+        in_: Sequence[tuple[int, int]] = (),
+        token: object = None,
+        *,
+        use_indirect: bool | None = None,
+    ) -> int:
+        """Make a buffer available: ``out`` device-readable, then ``in_`` writable."""
+        total = len(out) + len(in_)
+        if total == 0:
+            raise ValueError("a buffer needs at least one segment")
+        if use_indirect is None:
+            use_indirect = self.indirect and total > 1
+        elif use_indirect and self.allocator is None:
+            raise ValueError("indirect descriptors need an allocator")
+        segments = [(a, n, 0) for a, n in out] + [(a, n, DESC_F_WRITE) for a, n in in_]
+        in_len = sum(n for _, n in in_)
+        if sum(n for _, n, _ in segments) >= 1 << 32:
+            raise ValueError("a descriptor chain must be shorter than 2^32 bytes")
+        ring = self.ring
+        desc = ring.desc
+        if use_indirect:
+            assert self.allocator is not None
+            if self.num_free < 1:
+                raise BufferError("virtqueue full")
+            if total > self.size:
+                raise ValueError(f"chain of {total} exceeds the queue size {self.size}")
+            table_addr = self.allocator.alloc(16 * total, 16)
+            table = bytearray(16 * total)
+            for i, (addr, length, flags) in enumerate(segments):
+                last = i == total - 1
+                _DESC.pack_into(
+                    table,
+                    16 * i,
+                    addr,
+                    length,
+                    flags | (0 if last else DESC_F_NEXT),
+                    0 if last else i + 1,
+                )
+            ring.memory.write(table_addr, table)
+            head = self._take_descs(1)[0]
+            _DESC.pack_into(desc, head << 4, table_addr, 16 * total, DESC_F_INDIRECT, 0)
+            self._indirect_tables[head] = table_addr
+            chain = [head]
+        else:
+            if total > self.num_free:
+                raise BufferError("virtqueue full")
+            chain = self._take_descs(total)
+            for i, (addr, length, flags) in enumerate(segments):
+                last = i == total - 1
+                nxt = 0 if last else chain[i + 1]
+                _DESC.pack_into(
+                    desc, chain[i] << 4, addr, length, flags | (0 if last else DESC_F_NEXT), nxt
+                )
+        head = chain[0]
+        self._tokens[head] = token
+        self._ndesc[head] = len(chain)
+        self._in_len[head] = in_len
+        self._descs[head] = chain
+        self._outstanding.append(head)
+        idx = self.avail_idx
+        _U16.pack_into(ring.avail, 4 + ((idx & ring.mask) << 1), head)
+        idx = (idx + 1) & 0xFFFF
+        self.avail_idx = idx
+        # The ring entry and descriptors are written before idx publishes them.
+        _U16.pack_into(ring.avail, 2, idx)
+        return head
+
+    def _take_descs(self, n: int) -> list[int]:
+        self.num_free -= n
+        if self.in_order:
+            # In order, descriptors are used in ring order from offset 0, wrapping.
+            start = self._next_desc
+            self._next_desc = (start + n) % self.size
+            return [(start + i) % self.size for i in range(n)]
+        free = self._free
+        return [free.pop() for _ in range(n)]
+
+    def kick_needed(self) -> bool:
+        """Whether to notify the device about what was added since the last call."""
+        new = self.avail_idx
+        old = self._kicked
+        self._kicked = new
+        if new == old:
+            return False
+        ring = self.ring
+        if self.event_idx:
+            event = _U16.unpack_from(ring.used, ring.avail_event_off)[0]
+            return need_event(event, new, old)
+        return not (_U16.unpack_from(ring.used, 0)[0] & USED_F_NO_NOTIFY)
+
+    def notification_value(self, vqn: int | None = None) -> int:
+        """The VIRTIO_F_NOTIFICATION_DATA value for the next kick."""
+        return encode_notification(self.vq_index if vqn is None else vqn, self.avail_idx)
+
+    def used_idx(self) -> int:
+        return int(_U16.unpack_from(self.ring.used, 2)[0])
+
+    def has_used(self) -> bool:
+        return self.used_idx() != self.last_used
+
+    def get_used(self) -> list[tuple[object, int]]:
+        """Harvest every used buffer: (token, bytes written) in completion order."""
+        ring = self.ring
+        used = ring.used
+        used_idx = _U16.unpack_from(used, 2)[0]
+        last = self.last_used
+        n = (used_idx - last) & 0xFFFF
+        if n == 0:
+            return []
+        outstanding = len(self._outstanding)
+        if n > outstanding:
+            raise RingError(
+                f"used idx moved by {n} with only {outstanding} buffers outstanding",
+                N_USED_RING_DEV,
+            )
+        out: list[tuple[object, int]] = []
+        mask = ring.mask
+        while n:
+            head, written = _ELEM.unpack_from(used, 4 + ((last & mask) << 3))
+            if head >= self.size or self._descs[head] is None:
+                raise RingError(f"used id {head} was never made available", N_USED_RING_DEV)
+            if written > self._in_len[head]:
+                raise RingError(
+                    f"used len {written} exceeds the {self._in_len[head]} writable bytes of "
+                    f"buffer {head}",
+                    N_USED_RING_DEV,
+                )
+            if self.in_order:
+                # A batch: every buffer made available up to ``head`` is done;
+                # the skipped ones count as fully used.
+                batch = 0
+                while True:
+                    first = self._outstanding.popleft()
+                    batch += 1
+                    done_len = written if first == head else self._in_len[first]
+                    out.append((self._release(first), done_len))
+                    if first == head:
+                        break
+                if batch > n:
+                    raise RingError(
+                        f"in-order batch of {batch} buffers but used idx moved by {n}",
+                        N_USED_RING_DEV,
+                    )
+                n -= batch
+                last = (last + batch) & 0xFFFF
+            else:
+                self._outstanding.remove(head)
+                out.append((self._release(head), written))
+                n -= 1
+                last = (last + 1) & 0xFFFF
+        self.last_used = last
+        return out
+
+    def _release(self, head: int) -> object:
+        token = self._tokens[head]
+        chain = self._descs[head]
+        assert chain is not None
+        self._tokens[head] = None
+        self._descs[head] = None
+        self.num_free += len(chain)
+        if not self.in_order:
+            self._free.extend(reversed(chain))
+        table = self._indirect_tables.pop(head, None)
+        if table is not None and self.allocator is not None:
+            self.allocator.free(table)
+        return token
+
+    def disable_interrupts(self) -> None:
+        if not self.event_idx:
+            _U16.pack_into(self.ring.avail, 0, AVAIL_F_NO_INTERRUPT)
+
+    def enable_interrupts(self) -> bool:
+        """Ask for used-buffer notifications; True if used buffers are already waiting."""
+        if self.event_idx:
+            _U16.pack_into(self.ring.avail, self.ring.used_event_off, self.last_used)
+        else:
+            _U16.pack_into(self.ring.avail, 0, 0)
+        return self.has_used()
+
+    def detach_unused(self) -> list[object]:
+        """Take back every outstanding buffer (after a device or queue reset)."""
+        tokens = [self._release(head) for head in list(self._outstanding)]
+        self._outstanding.clear()
+        return tokens
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._outstanding)
