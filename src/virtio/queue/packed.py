@@ -20,6 +20,7 @@ from virtio.queue.common import (
     DESC_F_USED,
     DESC_F_WRITE,
     LE16,
+    MAX_QUEUE_SIZE,
     N_MSG_FRAMING,
     N_PACKED_ALIGN,
     N_PACKED_DESC_DEV,
@@ -226,9 +227,9 @@ class PackedDeviceQueue:
                         f"indirect table length {length} is not a non-zero multiple of 16",
                         N_PACKED_INDIRECT,
                     )
-                if length // 16 > size:
+                if length // 16 > MAX_QUEUE_SIZE:
                     raise RingError(
-                        f"indirect table of {length // 16} exceeds the queue size",
+                        f"indirect table of {length // 16} descriptors is too long",
                         N_PACKED_INDIRECT,
                     )
                 try:

@@ -21,6 +21,7 @@ from virtio.queue.common import (
     DESC_F_NEXT,
     DESC_F_WRITE,
     LE16,
+    MAX_QUEUE_SIZE,
     N_ALIGN,
     N_AVAIL_RING,
     N_DESC_TABLE,
@@ -249,6 +250,11 @@ class SplitDeviceQueue:
                 except GuestMemoryError as err:
                     raise RingError(f"indirect table: {err.message}", N_INDIRECT) from err
                 table_size = length // 16
+                if table_size > MAX_QUEUE_SIZE:
+                    # A device may limit chain length; nothing longer than a ring can be.
+                    raise RingError(
+                        f"indirect table of {table_size} descriptors is too long", N_MSG_FRAMING
+                    )
                 index = 0
                 seen = 0
                 in_indirect = True
