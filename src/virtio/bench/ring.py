@@ -8,11 +8,17 @@ reusing its buffers would) and is not counted.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from importlib import resources
+from pathlib import Path
 
 from virtio.devices.blk import BlkDevice, BlkDriver, BlkOptions
 from virtio.devices.blk.wire import BLK_REQ_HEADER, SECTOR_SIZE, T_IN
@@ -93,6 +99,34 @@ def loopback_blk_requests_per_s(block: int, seconds: float, depth: int = 32) -> 
             device.close()
 
 
+def c_peer(seconds: float) -> dict[str, float] | None:
+    """Build and run the native reference loop (bench/c/ring_peer.c); None without a compiler."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source = resources.files("virtio.bench").joinpath("c", "ring_peer.c")
+    cache = Path(os.environ.get("PYVIRTIO_CACHE", Path.home() / ".cache" / "pyvirtio")) / "bench"
+    cache.mkdir(parents=True, exist_ok=True)
+    text = source.read_bytes()
+    binary = cache / f"ring_peer-{hashlib.sha256(text).hexdigest()[:12]}"
+    if not binary.exists():
+        src = cache / "ring_peer.c"
+        src.write_bytes(text)
+        built = subprocess.run(
+            [compiler, "-O2", "-o", str(binary), str(src)], capture_output=True, text=True
+        )
+        if built.returncode != 0:
+            print(f"note: could not build the C peer: {built.stderr.strip()}", file=sys.stderr)
+            return None
+    out = subprocess.run(
+        [str(binary), str(seconds)], capture_output=True, text=True, timeout=60 + 8 * seconds
+    )
+    if out.returncode != 0:
+        return None
+    data = json.loads(out.stdout)
+    return {str(k): float(v) for k, v in data.items()}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="virtio bench ring", description=__doc__)
     parser.add_argument("--seconds", type=float, default=2.0, help="per figure (default 2)")
@@ -108,13 +142,20 @@ def main(argv: list[str]) -> int:
     for block in (4096, 65536):
         key = f"loopback_blk_{block // 1024}k_requests_per_s"
         results[key] = round(loopback_blk_requests_per_s(block, args.seconds))
+    peer = c_peer(args.seconds)
+    if peer is not None:
+        for key, value in peer.items():
+            results[f"c_peer_{key}"] = round(value)
+            ours = results.get(key)
+            if isinstance(ours, int) and value:
+                results[f"ratio_{key.removesuffix('_chains_per_s')}"] = round(ours / value, 5)
     results["python"] = platform.python_version()
     results["machine"] = f"{platform.machine()} x{os.cpu_count()}"
     if args.json:
         print(json.dumps(results))
         return 0
     width = max(len(k) for k in results)
-    for key, value in results.items():
-        text = f"{value:,}" if isinstance(value, int) else str(value)
-        print(f"{key:<{width}}  {text:>12}")
+    for name, shown in results.items():
+        text = f"{shown:,}" if isinstance(shown, int) else str(shown)
+        print(f"{name:<{width}}  {text:>12}")
     return 0

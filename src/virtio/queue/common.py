@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from virtio.layout import Bits, Layout, le16, le32, le64
 
@@ -172,6 +173,19 @@ class Chain:
             if pos >= end:
                 break
         return out
+
+
+class InflightTracker(Protocol):
+    """Keeps a record of in-flight buffers outside the process (vhost-user inflight fd)."""
+
+    def popped(self, heads: list[int]) -> None:
+        """These buffers were taken from the available ring, in this order."""
+
+    def completing(self, heads: list[int]) -> None:
+        """These buffers are about to be returned (before the used idx moves)."""
+
+    def completed(self, used_idx: int) -> None:
+        """The used idx now reads ``used_idx``."""
 
 
 def need_event(event: int, new: int, old: int) -> bool:

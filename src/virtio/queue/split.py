@@ -32,6 +32,7 @@ from virtio.queue.common import (
     VIRTQ_DESC,
     VIRTQ_USED_ELEM,
     Chain,
+    InflightTracker,
     RingLayout,
     check_queue_size,
     encode_notification,
@@ -110,6 +111,8 @@ class SplitDeviceQueue:
         self._signalled = 0
         self._signalled_valid = False
         self._inflight = 0
+        #: Records what is in flight in memory that outlives this process (vhost-user).
+        self.tracker: InflightTracker | None = None
 
     # -- state for save/restore (vhost-user GET/SET_VRING_BASE) --------------
 
@@ -208,7 +211,17 @@ class SplitDeviceQueue:
         finally:
             self.last_avail = (last + popped) & 0xFFFF
             self._inflight += len(out)
+            if self.tracker is not None and out:
+                self.tracker.popped([chain.head for chain in out])
         return out
+
+    def chain_at(self, head: int) -> Chain:
+        """Walk the chain at ``head`` again (to resubmit a request after a restart)."""
+        if head >= self.size:
+            raise RingError(f"head {head} >= queue size {self.size}", N_AVAIL_RING)
+        chain = self._walk(head)
+        self._inflight += 1
+        return chain
 
     def _walk(self, head: int) -> Chain:
         """Follow a chain with NEXT and/or INDIRECT descriptors, checking everything."""
@@ -295,15 +308,7 @@ class SplitDeviceQueue:
 
     def push(self, chain: Chain, written: int) -> None:
         """Return one buffer to the driver with ``written`` bytes written."""
-        ring = self.ring
-        used = ring.used
-        idx = self.used_idx
-        _ELEM.pack_into(used, 4 + ((idx & ring.mask) << 3), chain.head, written)
-        idx = (idx + 1) & 0xFFFF
-        self.used_idx = idx
-        self._inflight -= 1
-        # The element is in place before idx moves: the driver reads them in that order.
-        _U16.pack_into(used, 2, idx)
+        self.push_many(((chain, written),))
 
     def push_many(self, items: Sequence[tuple[Chain, int]]) -> None:
         """Return several buffers, publishing the used idx once.
@@ -326,9 +331,15 @@ class SplitDeviceQueue:
             for chain, written in items:
                 pack(used, 4 + ((idx & mask) << 3), chain.head, written)
                 idx = (idx + 1) & 0xFFFF
+        tracker = self.tracker
+        if tracker is not None:
+            tracker.completing([chain.head for chain, _ in items])
         self.used_idx = idx
         self._inflight -= len(items)
+        # The elements are in place before idx moves: the driver reads them in that order.
         _U16.pack_into(used, 2, idx)
+        if tracker is not None:
+            tracker.completed(idx)
 
     def needs_notify(self) -> bool:
         """Whether the driver wants a used-buffer notification for what was pushed."""
