@@ -219,9 +219,8 @@ class SplitDeviceQueue:
         """Walk the chain at ``head`` again (to resubmit a request after a restart)."""
         if head >= self.size:
             raise RingError(f"head {head} >= queue size {self.size}", N_AVAIL_RING)
-        chain = self._walk(head)
-        self._inflight += 1
-        return chain
+        # Counted in flight already: set_base() took it as popped and not used.
+        return self._walk(head)
 
     def _walk(self, head: int) -> Chain:
         """Follow a chain with NEXT and/or INDIRECT descriptors, checking everything."""
