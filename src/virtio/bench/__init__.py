@@ -14,5 +14,9 @@ def main(argv: list[str]) -> int:
         from virtio.bench.ring import main as ring_main
 
         return ring_main(rest)
+    if kind == "blk":
+        from virtio.bench.blk import main as blk_main
+
+        return blk_main(rest)
     print(f"virtio bench: unknown benchmark {kind!r} (ring, blk)", file=sys.stderr)
     return 2
