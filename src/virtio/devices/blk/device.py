@@ -125,6 +125,11 @@ class BlkDevice(VirtioDevice):
         self.stats = {"read": 0, "write": 0, "flush": 0, "other": 0, "errors": 0}
         super().__init__(num_queues=opts.num_queues, queue_max_size=queue_max_size, ring=ring)
 
+    def flush_backend(self) -> None:
+        """Make every completed write durable (on disconnect and shutdown)."""
+        if self.fd >= 0 and not self.options.read_only:
+            os.fdatasync(self.fd)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

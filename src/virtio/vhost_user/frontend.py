@@ -1,0 +1,420 @@
+"""The vhost-user front-end: the VMM's side, as a transport for pyvirtio drivers.
+
+:class:`VhostUserFrontend` owns guest memory (memfd regions it shares with
+the back-end), talks the protocol over a Unix socket, and presents the
+device to a :class:`~virtio.core.driver.VirtioDriver` exactly like any other
+transport: the driver core runs on top of it unchanged.
+
+The device status register lives here, as it does in a VMM: FEATURES_OK
+sends SET_FEATURES and the memory table, each queue's setup sends its ring,
+and a reset stops every ring with GET_VRING_BASE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+from virtio.memory import Allocator, GuestMemory
+from virtio.queue import RingLayout
+from virtio.spec.device_ids import DeviceId
+from virtio.spec.status import DeviceStatus as S
+from virtio.vhost_user.wire import (
+    CONFIG_HEADER,
+    F_LOG_ALL,
+    F_PROTOCOL_FEATURES,
+    FLAG_NEED_REPLY,
+    MAX_FDS,
+    MAX_PAYLOAD,
+    MEM_REGION,
+    MEM_TABLE_HEADER,
+    VERSION,
+    VRING_ADDR,
+    VRING_STATE,
+    BackendRequest,
+    Decoder,
+    Message,
+    ProtocolFeature,
+    Request,
+    VhostUserError,
+    encode,
+    expect_size,
+    state_message,
+    u64_message,
+)
+
+log = logging.getLogger("virtio.vhost_user.frontend")
+
+P = ProtocolFeature
+WANTED_PROTOCOL = sum(
+    1 << bit for bit in (P.MQ, P.REPLY_ACK, P.CONFIG, P.BACKEND_REQ, P.RESET_DEVICE)
+)
+# Where our guest memory appears in the (notional) front-end address space.
+USER_BASE = 0x7F00_0000_0000
+
+
+def _nothing(_: int) -> None:
+    pass
+
+
+def _nothing_config() -> None:
+    pass
+
+
+class VhostUserFrontend:
+    """A DriverTransport that reaches a device through a vhost-user back-end."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        device_id: int,
+        memory_size: int = 256 << 20,
+        queue_max_size: int = 256,
+        timeout: float = 10.0,
+        num_queues: int | None = None,
+    ) -> None:
+        self.path = path
+        self.device_id = device_id
+        self.timeout = timeout
+        self._queue_max = queue_max_size
+        self.guest = GuestMemory()
+        _region, self.memfd = self.guest.add_memfd(0, memory_size, name="pyvirtio-guest")
+        self.memory = self.guest
+        self.allocator = Allocator(0x1000, memory_size - 0x1000)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as err:
+            self.sock.close()
+            os.close(self.memfd)
+            raise VhostUserError(f"cannot connect to {path}: {err}") from err
+        self.decoder = Decoder()
+        self.poller = select.epoll()
+        self.status = 0
+        self.driver_features = 0
+        self.protocol = 0
+        self.backend_sock: socket.socket | None = None
+        self._used_handler: Callable[[int], None] = _nothing
+        self._config_handler: Callable[[], None] = _nothing_config
+        self.kick_fds: dict[int, int] = {}
+        self.call_fds: dict[int, int] = {}  # fd -> queue
+        self.started: set[int] = set()
+        self._generation = 0
+        self.closed = False
+        self._handshake(num_queues)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _send(self, msg: Message) -> None:
+        data = encode(msg)
+        try:
+            if msg.fds:
+                sent = socket.send_fds(self.sock, [data], msg.fds)
+                if sent < len(data):
+                    self.sock.sendall(data[sent:])
+            else:
+                self.sock.sendall(data)
+        except OSError as err:
+            raise VhostUserError(
+                f"back-end connection lost while sending {msg.name()}: {err}"
+            ) from err
+
+    def _recv(self, request: int) -> Message:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            for msg in self._pending:
+                self._pending.remove(msg)
+                return self._check_reply(msg, request)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise VhostUserError(f"no reply to {Request(request).name} in {self.timeout}s")
+            self.sock.settimeout(remaining)
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_PAYLOAD + 64, MAX_FDS)
+            except TimeoutError:
+                continue
+            except OSError as err:
+                raise VhostUserError(f"back-end connection lost: {err}") from err
+            if not data:
+                raise VhostUserError(
+                    f"back-end closed the connection (waiting for {Request(request).name})"
+                )
+            self._pending.extend(self.decoder.feed(data, fds))
+
+    @property
+    def _pending(self) -> list[Message]:
+        if not hasattr(self, "_pending_list"):
+            self._pending_list: list[Message] = []
+        return self._pending_list
+
+    def _check_reply(self, msg: Message, request: int) -> Message:
+        if not msg.is_reply or msg.request != request:
+            for fd in msg.fds:
+                os.close(fd)
+            raise VhostUserError(
+                f"expected a reply to {Request(request).name}, got {msg.name()} "
+                f"(flags {msg.flags:#x})"
+            )
+        return msg
+
+    def _call(self, msg: Message) -> Message:
+        self._send(msg)
+        return self._recv(msg.request)
+
+    def _tell(self, msg: Message) -> None:
+        """Send a request without a reply body; with REPLY_ACK, wait for the ack."""
+        if self.protocol >> P.REPLY_ACK & 1:
+            msg.flags |= FLAG_NEED_REPLY
+            reply = self._call(msg)
+            if reply.u64() != 0:
+                raise VhostUserError(f"back-end refused {msg.name()}")
+        else:
+            self._send(msg)
+
+    def _handshake(self, num_queues: int | None) -> None:
+        features = self._call(Message(Request.GET_FEATURES)).u64()
+        self.backend_features = features
+        if features >> F_PROTOCOL_FEATURES & 1:
+            offered = self._call(Message(Request.GET_PROTOCOL_FEATURES)).u64()
+            self.protocol = offered & WANTED_PROTOCOL
+            self._send(u64_message(Request.SET_PROTOCOL_FEATURES, self.protocol))
+        self._send(Message(Request.SET_OWNER))
+        if self.protocol >> P.MQ & 1:
+            self._num_queues = self._call(Message(Request.GET_QUEUE_NUM)).u64()
+        else:
+            self._num_queues = 1
+        if num_queues is not None:
+            if num_queues > self._num_queues:
+                raise VhostUserError(
+                    f"back-end has {self._num_queues} queues, {num_queues} requested"
+                )
+            self._num_queues = num_queues
+        if self.protocol >> P.BACKEND_REQ & 1:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.backend_sock = ours
+            self.poller.register(ours.fileno(), select.EPOLLIN)
+            try:
+                self._tell(Message(Request.SET_BACKEND_REQ_FD, fds=[theirs.fileno()]))
+            finally:
+                theirs.close()
+
+    # -- DriverTransport -------------------------------------------------------------------
+
+    def read_status(self) -> int:
+        return self.status
+
+    def write_status(self, value: int) -> None:
+        if value == 0:
+            self._reset()
+            return
+        added = value & ~self.status
+        self.status = value
+        if added & S.FEATURES_OK:
+            wire = self.driver_features
+            if self.backend_features >> F_PROTOCOL_FEATURES & 1:
+                wire |= 1 << F_PROTOCOL_FEATURES
+            self._tell(u64_message(Request.SET_FEATURES, wire))
+            self._send_mem_table()
+
+    def _send_mem_table(self) -> None:
+        regions = self.guest.regions
+        payload = MEM_TABLE_HEADER.struct.pack(len(regions), 0)
+        for region in regions:
+            payload += MEM_REGION.struct.pack(region.gpa, region.size, USER_BASE + region.gpa, 0)
+        self._tell(Message(Request.SET_MEM_TABLE, payload, fds=[self.memfd]))
+
+    def read_device_features(self) -> int:
+        return self.backend_features & ~(1 << F_PROTOCOL_FEATURES | 1 << F_LOG_ALL)
+
+    def write_driver_features(self, value: int) -> None:
+        self.driver_features = value
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        if not self.protocol >> P.CONFIG & 1:
+            return bytes(size)
+        out = b""
+        while size > 0:
+            chunk = min(size, 256)
+            msg = Message(
+                Request.GET_CONFIG, CONFIG_HEADER.struct.pack(offset, chunk, 0) + bytes(chunk)
+            )
+            reply = self._call(msg)
+            if len(reply.payload) != CONFIG_HEADER.size + chunk:
+                raise VhostUserError(f"GET_CONFIG failed for {offset}+{chunk}")
+            out += reply.payload[CONFIG_HEADER.size :]
+            offset += chunk
+            size -= chunk
+        return out
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        if not self.protocol >> P.CONFIG & 1:
+            raise VhostUserError("back-end has no config space access (CONFIG not negotiated)")
+        payload = CONFIG_HEADER.struct.pack(offset, len(data), 0) + data
+        self._tell(Message(Request.SET_CONFIG, payload))
+
+    def config_generation(self) -> int:
+        return self._generation
+
+    def num_queues(self) -> int:
+        return self._num_queues
+
+    def queue_max_size(self, index: int) -> int:
+        return self._queue_max if index < self._num_queues else 0
+
+    def setup_queue(self, index: int, layout: RingLayout) -> None:
+        self._tell(state_message(Request.SET_VRING_NUM, index, layout.size))
+        base = 0x8000_8000 if layout.packed else 0  # packed: both wrap counters start at 1
+        self._tell(state_message(Request.SET_VRING_BASE, index, base))
+        addr = VRING_ADDR.struct.pack(
+            index,
+            0,
+            USER_BASE + layout.desc,
+            USER_BASE + layout.device,
+            USER_BASE + layout.driver,
+            0,
+        )
+        self._tell(Message(Request.SET_VRING_ADDR, addr))
+        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.call_fds[call] = index
+        self.poller.register(call, select.EPOLLIN)
+        self._tell(Message(Request.SET_VRING_CALL, index.to_bytes(8, "little"), fds=[call]))
+        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        old = self.kick_fds.pop(index, None)
+        if old is not None:
+            os.close(old)
+        self.kick_fds[index] = kick
+        self._tell(Message(Request.SET_VRING_KICK, index.to_bytes(8, "little"), fds=[kick]))
+        if self.backend_features >> F_PROTOCOL_FEATURES & 1:
+            self._tell(state_message(Request.SET_VRING_ENABLE, index, 1))
+        self.started.add(index)
+
+    def reset_queue(self, index: int) -> None:
+        self._stop_ring(index)
+
+    def _stop_ring(self, index: int) -> int:
+        reply = self._call(state_message(Request.GET_VRING_BASE, index, 0))
+        expect_size(reply, VRING_STATE.size)
+        _index, base = reply.state()
+        self.started.discard(index)
+        for fd, q in list(self.call_fds.items()):
+            if q == index:
+                self.poller.unregister(fd)
+                os.close(fd)
+                del self.call_fds[fd]
+        return base
+
+    def notify(self, index: int, value: int) -> None:
+        fd = self.kick_fds.get(index)
+        if fd is None:
+            raise VhostUserError(f"queue {index} is not set up")
+        os.eventfd_write(fd, 1)
+
+    def set_interrupt_handlers(
+        self, used: Callable[[int], None], config: Callable[[], None]
+    ) -> None:
+        self._used_handler = used
+        self._config_handler = config
+
+    def wait_interrupt(self, timeout: float | None) -> bool:
+        """Wait for a call eventfd or a back-end request; False on timeout."""
+        self._check_alive()
+        events = self.poller.poll(-1 if timeout is None else timeout)
+        delivered = False
+        for fd, _mask in events:
+            if fd in self.call_fds:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(fd)
+                self._used_handler(self.call_fds[fd])
+                delivered = True
+            elif self.backend_sock is not None and fd == self.backend_sock.fileno():
+                self._backend_request()
+                delivered = True
+        return delivered
+
+    def _check_alive(self) -> None:
+        # A dead back-end shows as a readable (EOF) or errored main socket.
+        ready, _, errored = select.select([self.sock], [], [self.sock], 0)
+        if ready or errored:
+            try:
+                data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as err:
+                raise VhostUserError(f"back-end connection lost: {err}") from err
+            if not data:
+                raise VhostUserError("back-end closed the connection")
+
+    def _backend_request(self) -> None:
+        assert self.backend_sock is not None
+        data = self.backend_sock.recv(MAX_PAYLOAD + 64)
+        if not data:
+            self.poller.unregister(self.backend_sock.fileno())
+            self.backend_sock.close()
+            self.backend_sock = None
+            return
+        for msg in Decoder().feed(data):
+            if msg.request == BackendRequest.CONFIG_CHANGE_MSG:
+                self._generation += 1
+                self._config_handler()
+            if msg.need_reply:
+                reply = Message(msg.request, (0).to_bytes(8, "little"), VERSION | 4)
+                self.backend_sock.sendall(encode(reply))
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        for index in sorted(self.started):
+            with contextlib.suppress(VhostUserError):
+                self._stop_ring(index)
+        if self.protocol >> P.RESET_DEVICE & 1 and self.status:
+            with contextlib.suppress(VhostUserError):
+                self._tell(Message(Request.RESET_DEVICE))
+        self.status = 0
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(VhostUserError, OSError):
+            self._reset()
+        for fd in list(self.kick_fds.values()) + list(self.call_fds):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.kick_fds.clear()
+        self.call_fds.clear()
+        if self.backend_sock is not None:
+            self.backend_sock.close()
+        self.poller.close()
+        self.sock.close()
+        os.close(self.memfd)
+
+    def __enter__(self) -> VhostUserFrontend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def connect_blk(
+    path: str, *, num_queues: int = 1, memory_size: int = 256 << 20, queue_size: int = 256
+) -> Iterator[VhostUserFrontend]:
+    """A front-end for a vhost-user-blk back-end at ``path``."""
+    frontend = VhostUserFrontend(
+        path,
+        device_id=DeviceId.BLOCK,
+        memory_size=memory_size,
+        queue_max_size=queue_size,
+        num_queues=num_queues,
+    )
+    try:
+        yield frontend
+    finally:
+        frontend.close()
