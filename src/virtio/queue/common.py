@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -72,6 +73,34 @@ N_PACKED_INDIRECT = (
     "The Virtqueue Descriptor Table / Indirect Descriptors"
 )
 N_PACKED_DEV = "devicenormative:Basic Facilities of a Virtio Device / Packed Virtqueues"
+
+
+class BigEndianHostU16:
+    """Little-endian u16 array access on a big-endian host (not atomic, but correct)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+    def __getitem__(self, index: int) -> int:
+        return int.from_bytes(self.view[2 * index : 2 * index + 2], "little")
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self.view[2 * index : 2 * index + 2] = value.to_bytes(2, "little")
+
+
+U16Array = memoryview | BigEndianHostU16
+
+
+def u16_array(view: memoryview) -> U16Array:
+    """Index a ring area as little-endian u16s.
+
+    On a little-endian host this is a native cast: every element is read and
+    written with one 16-bit access, so a peer in another process never sees
+    half an index (struct's byte-at-a-time packing would let it).
+    """
+    if sys.byteorder == "little":
+        return view.cast("H")
+    return BigEndianHostU16(view)
 
 
 class Chain:

@@ -7,7 +7,6 @@ each side's wrap counter. :class:`PackedDeviceQueue` and
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from collections.abc import Sequence
 
@@ -19,7 +18,6 @@ from virtio.queue.common import (
     DESC_F_NEXT,
     DESC_F_USED,
     DESC_F_WRITE,
-    LE16,
     MAX_QUEUE_SIZE,
     N_MSG_FRAMING,
     N_PACKED_ALIGN,
@@ -36,11 +34,10 @@ from virtio.queue.common import (
     encode_notification,
     fast_region,
     need_event,
+    u16_array,
 )
 
 _DESC = PVIRTQ_DESC.struct
-_U16 = LE16.struct
-_EVENT = struct.Struct("<HH")
 _MAX_CHAIN_BYTES = 1 << 32
 _BOTH = DESC_F_AVAIL | DESC_F_USED
 
@@ -71,6 +68,11 @@ class PackedRing:
             raise RingError(
                 f"virtqueue outside guest memory: {err.message}", N_PACKED_ALIGN
             ) from err
+        # Flags and event words move as whole u16s (see u16_array): element 8*i+7
+        # is descriptor i's flags; events are (off_wrap, flags).
+        self.desc16 = u16_array(self.desc)
+        self.driver_event16 = u16_array(self.driver_event)
+        self.device_event16 = u16_array(self.device_event)
 
 
 def _event_count(count: int, pos: int, wrap: int, off: int, event_wrap: int, size: int) -> int:
@@ -131,7 +133,7 @@ class PackedDeviceQueue:
         return avail == wrap and used != wrap
 
     def has_available(self) -> bool:
-        flags = _U16.unpack_from(self.ring.desc, (self.next_avail << 4) + 14)[0]
+        flags = self.ring.desc16[(self.next_avail << 3) + 7]
         return self._is_avail(flags, self.avail_wrap)
 
     def pop(self) -> Chain | None:
@@ -152,10 +154,13 @@ class PackedDeviceQueue:
         # Available means AVAIL == wrap counter and USED != wrap counter.
         ready = DESC_F_AVAIL if wrap else DESC_F_USED
         count = 0
+        desc16 = ring.desc16
         while count < limit:
-            addr, length, buf_id, flags = unpack(desc, pos << 4)
+            # The flags first, in one access: they say whether the rest is valid.
+            flags = desc16[(pos << 3) + 7]
             if flags & _BOTH != ready:
                 break
+            addr, length, buf_id, _flags = unpack(desc, pos << 4)
             if self._inflight >= size:
                 raise RingError(f"more than {size} descriptors made available at once", N_PACKED_SG)
             if flags & (DESC_F_NEXT | DESC_F_INDIRECT):
@@ -201,7 +206,8 @@ class PackedDeviceQueue:
         slots = 0
         start = pos
         while True:
-            addr, length, buf_id, flags = _DESC.unpack_from(desc, pos << 4)
+            flags = ring.desc16[(pos << 3) + 7]
+            addr, length, buf_id, _flags = _DESC.unpack_from(desc, pos << 4)
             if slots and not self._is_avail(flags, wrap):
                 raise RingError(
                     f"chain at {start}: descriptor {pos} is not available yet", N_PACKED_SG
@@ -290,6 +296,7 @@ class PackedDeviceQueue:
         if not items:
             return
         desc = self.ring.desc
+        desc16 = self.ring.desc16
         size = self.size
         pos = self.next_used
         wrap = self.used_wrap
@@ -304,7 +311,7 @@ class PackedDeviceQueue:
             off = pos << 4
             # id and len land before the flags that hand the descriptor back.
             _DESC.pack_into(desc, off, 0, written, chain.head, 0)
-            _U16.pack_into(desc, off + 14, flags)
+            desc16[(pos << 3) + 7] = flags
             pos += slots
             if pos >= size:
                 pos -= size
@@ -320,7 +327,9 @@ class PackedDeviceQueue:
         valid = self._signalled_valid
         self._signalled = new
         self._signalled_valid = True
-        off_wrap, flags = _EVENT.unpack_from(self.ring.driver_event, 0)
+        event16 = self.ring.driver_event16
+        flags = event16[1]
+        off_wrap = event16[0]
         flags &= 3
         if flags == RING_EVENT_FLAGS_DISABLE:
             return False
@@ -334,14 +343,15 @@ class PackedDeviceQueue:
         return True
 
     def disable_notifications(self) -> None:
-        _EVENT.pack_into(self.ring.device_event, 0, 0, RING_EVENT_FLAGS_DISABLE)
+        self.ring.device_event16[1] = RING_EVENT_FLAGS_DISABLE
 
     def enable_notifications(self) -> bool:
         if self.event_idx:
             off_wrap = self.next_avail | self.avail_wrap << 15
-            _EVENT.pack_into(self.ring.device_event, 0, off_wrap, RING_EVENT_FLAGS_DESC)
+            self.ring.device_event16[0] = off_wrap
+            self.ring.device_event16[1] = RING_EVENT_FLAGS_DESC
         else:
-            _EVENT.pack_into(self.ring.device_event, 0, 0, RING_EVENT_FLAGS_ENABLE)
+            self.ring.device_event16[1] = RING_EVENT_FLAGS_ENABLE
         return self.has_available()
 
 
@@ -447,7 +457,7 @@ class PackedDriverQueue:
                 pos = 0
                 wrap ^= 1
         # The first descriptor's flags go last: that makes the whole list available.
-        _U16.pack_into(desc, (first << 4) + 14, first_flags)
+        ring.desc16[(first << 3) + 7] = first_flags
         self.next_avail = pos
         self.avail_wrap = wrap
         self.num_free -= slots
@@ -465,7 +475,9 @@ class PackedDriverQueue:
         self._kicked = new
         if new == old:
             return False
-        off_wrap, flags = _EVENT.unpack_from(self.ring.device_event, 0)
+        event16 = self.ring.device_event16
+        flags = event16[1]
+        off_wrap = event16[0]
         flags &= 3
         if flags == RING_EVENT_FLAGS_DISABLE:
             return False
@@ -482,7 +494,7 @@ class PackedDriverQueue:
         )
 
     def has_used(self) -> bool:
-        flags = _U16.unpack_from(self.ring.desc, (self.next_used << 4) + 14)[0]
+        flags = self.ring.desc16[(self.next_used << 3) + 7]
         return self._is_used(flags)
 
     def _is_used(self, flags: int) -> bool:
@@ -495,9 +507,10 @@ class PackedDriverQueue:
         out: list[tuple[object, int]] = []
         while self._outstanding:
             pos = self.next_used
-            _addr, written, buf_id, flags = _DESC.unpack_from(desc, pos << 4)
+            flags = self.ring.desc16[(pos << 3) + 7]
             if not self._is_used(flags):
                 break
+            _addr, written, buf_id, _flags = _DESC.unpack_from(desc, pos << 4)
             if buf_id >= self.size or not self._live[buf_id]:
                 raise RingError(
                     f"used buffer id {buf_id} was never made available", N_PACKED_DESC_DEV
@@ -542,14 +555,15 @@ class PackedDriverQueue:
         return token
 
     def disable_interrupts(self) -> None:
-        _EVENT.pack_into(self.ring.driver_event, 0, 0, RING_EVENT_FLAGS_DISABLE)
+        self.ring.driver_event16[1] = RING_EVENT_FLAGS_DISABLE
 
     def enable_interrupts(self) -> bool:
         if self.event_idx:
             off_wrap = self.next_used | self.used_wrap << 15
-            _EVENT.pack_into(self.ring.driver_event, 0, off_wrap, RING_EVENT_FLAGS_DESC)
+            self.ring.driver_event16[0] = off_wrap
+            self.ring.driver_event16[1] = RING_EVENT_FLAGS_DESC
         else:
-            _EVENT.pack_into(self.ring.driver_event, 0, 0, RING_EVENT_FLAGS_ENABLE)
+            self.ring.driver_event16[1] = RING_EVENT_FLAGS_ENABLE
         return self.has_used()
 
     def detach_unused(self) -> list[object]:

@@ -20,7 +20,6 @@ from virtio.queue.common import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
-    LE16,
     MAX_QUEUE_SIZE,
     N_ALIGN,
     N_AVAIL_RING,
@@ -38,12 +37,11 @@ from virtio.queue.common import (
     encode_notification,
     fast_region,
     need_event,
+    u16_array,
 )
 
 _DESC = VIRTQ_DESC.struct
 _ELEM = VIRTQ_USED_ELEM.struct
-_U16 = LE16.struct
-_TWO_U16 = struct.Struct("<HH")
 _MAX_CHAIN_BYTES = 1 << 32
 
 
@@ -73,8 +71,10 @@ class SplitRing:
             self.used = memory.view(layout.device, used_len)
         except GuestMemoryError as err:
             raise RingError(f"virtqueue outside guest memory: {err.message}", N_ALIGN) from err
-        # Native u16 view of the available ring entries, where the host is little-endian.
-        self._avail16 = (
+        # Indices, flags and event words are accessed as whole u16s (see u16_array).
+        self.avail16 = u16_array(self.avail)
+        self.used16 = u16_array(self.used)
+        self._avail_entries = (
             self.avail[4 : 4 + 2 * self.size].cast("H") if sys.byteorder == "little" else None
         )
         # Offsets of the event-index words that trail each ring.
@@ -83,8 +83,8 @@ class SplitRing:
 
     def avail_entries(self, start: int, count: int) -> list[int]:
         """``count`` available-ring entries from slot ``start`` (no wrap)."""
-        if self._avail16 is not None:
-            return self._avail16[start : start + count].tolist()
+        if self._avail_entries is not None:
+            return self._avail_entries[start : start + count].tolist()
         return list(struct.unpack_from(f"<{count}H", self.avail, 4 + 2 * start))
 
 
@@ -118,9 +118,7 @@ class SplitDeviceQueue:
 
     def set_base(self, last_avail: int, used_idx: int | None = None) -> None:
         self.last_avail = last_avail & 0xFFFF
-        self.used_idx = (
-            _U16.unpack_from(self.ring.used, 2)[0] if used_idx is None else used_idx & 0xFFFF
-        )
+        self.used_idx = self.ring.used16[1] if used_idx is None else used_idx & 0xFFFF
         self._signalled_valid = False
         self._inflight = (self.last_avail - self.used_idx) & 0xFFFF
 
@@ -135,7 +133,7 @@ class SplitDeviceQueue:
     # -- available side --------------------------------------------------------
 
     def avail_idx(self) -> int:
-        return int(_U16.unpack_from(self.ring.avail, 2)[0])
+        return int(self.ring.avail16[1])
 
     def pending(self) -> int:
         """How many buffers the driver has made available and we have not popped."""
@@ -154,8 +152,7 @@ class SplitDeviceQueue:
     def pop_many(self, limit: int = 1 << 16) -> list[Chain]:
         """Pop up to ``limit`` available chains, reading the available idx once."""
         ring = self.ring
-        avail = ring.avail
-        avail_idx = _U16.unpack_from(avail, 2)[0]
+        avail_idx = ring.avail16[1]
         last = self.last_avail
         n = (avail_idx - last) & 0xFFFF
         if n == 0:
@@ -336,7 +333,7 @@ class SplitDeviceQueue:
         self.used_idx = idx
         self._inflight -= len(items)
         # The elements are in place before idx moves: the driver reads them in that order.
-        _U16.pack_into(used, 2, idx)
+        ring.used16[1] = idx
         if tracker is not None:
             tracker.completed(idx)
 
@@ -350,23 +347,23 @@ class SplitDeviceQueue:
         if self.event_idx:
             if not valid:
                 return True
-            event = _U16.unpack_from(self.ring.avail, self.ring.used_event_off)[0]
+            event = self.ring.avail16[self.ring.used_event_off >> 1]
             return need_event(event, new, old)
         # Without event idx the device must notify unless the driver set NO_INTERRUPT
         # (it ignores used_event, as the device requirement says).
-        return not (_U16.unpack_from(self.ring.avail, 0)[0] & AVAIL_F_NO_INTERRUPT)
+        return not (self.ring.avail16[0] & AVAIL_F_NO_INTERRUPT)
 
     def disable_notifications(self) -> None:
         """Ask the driver not to kick (a hint; the device still copes with kicks)."""
         if not self.event_idx:
-            _U16.pack_into(self.ring.used, 0, USED_F_NO_NOTIFY)
+            self.ring.used16[0] = USED_F_NO_NOTIFY
 
     def enable_notifications(self) -> bool:
         """Ask for kicks again; True if buffers arrived meanwhile (process them)."""
         if self.event_idx:
-            _U16.pack_into(self.ring.used, self.ring.avail_event_off, self.last_avail)
+            self.ring.used16[self.ring.avail_event_off >> 1] = self.last_avail
         else:
-            _U16.pack_into(self.ring.used, 0, 0)
+            self.ring.used16[0] = 0
         return self.avail_idx() != self.last_avail
 
 
@@ -481,11 +478,11 @@ class SplitDriverQueue:
         self._descs[head] = chain
         self._outstanding.append(head)
         idx = self.avail_idx
-        _U16.pack_into(ring.avail, 4 + ((idx & ring.mask) << 1), head)
+        ring.avail16[2 + (idx & ring.mask)] = head
         idx = (idx + 1) & 0xFFFF
         self.avail_idx = idx
         # The ring entry and descriptors are written before idx publishes them.
-        _U16.pack_into(ring.avail, 2, idx)
+        ring.avail16[1] = idx
         return head
 
     def _take_descs(self, n: int) -> list[int]:
@@ -507,16 +504,16 @@ class SplitDriverQueue:
             return False
         ring = self.ring
         if self.event_idx:
-            event = _U16.unpack_from(ring.used, ring.avail_event_off)[0]
+            event = ring.used16[ring.avail_event_off >> 1]
             return need_event(event, new, old)
-        return not (_U16.unpack_from(ring.used, 0)[0] & USED_F_NO_NOTIFY)
+        return not (ring.used16[0] & USED_F_NO_NOTIFY)
 
     def notification_value(self, vqn: int | None = None) -> int:
         """The VIRTIO_F_NOTIFICATION_DATA value for the next kick."""
         return encode_notification(self.vq_index if vqn is None else vqn, self.avail_idx)
 
     def used_idx(self) -> int:
-        return int(_U16.unpack_from(self.ring.used, 2)[0])
+        return int(self.ring.used16[1])
 
     def has_used(self) -> bool:
         return self.used_idx() != self.last_used
@@ -525,7 +522,7 @@ class SplitDriverQueue:
         """Harvest every used buffer: (token, bytes written) in completion order."""
         ring = self.ring
         used = ring.used
-        used_idx = _U16.unpack_from(used, 2)[0]
+        used_idx = ring.used16[1]
         last = self.last_used
         n = (used_idx - last) & 0xFFFF
         if n == 0:
@@ -590,14 +587,14 @@ class SplitDriverQueue:
 
     def disable_interrupts(self) -> None:
         if not self.event_idx:
-            _U16.pack_into(self.ring.avail, 0, AVAIL_F_NO_INTERRUPT)
+            self.ring.avail16[0] = AVAIL_F_NO_INTERRUPT
 
     def enable_interrupts(self) -> bool:
         """Ask for used-buffer notifications; True if used buffers are already waiting."""
         if self.event_idx:
-            _U16.pack_into(self.ring.avail, self.ring.used_event_off, self.last_used)
+            self.ring.avail16[self.ring.used_event_off >> 1] = self.last_used
         else:
-            _U16.pack_into(self.ring.avail, 0, 0)
+            self.ring.avail16[0] = 0
         return self.has_used()
 
     def detach_unused(self) -> list[object]:

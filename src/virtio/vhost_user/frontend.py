@@ -13,6 +13,7 @@ and a reset stops every ring with GET_VRING_BASE.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import select
@@ -54,8 +55,15 @@ P = ProtocolFeature
 WANTED_PROTOCOL = sum(
     1 << bit for bit in (P.MQ, P.REPLY_ACK, P.CONFIG, P.BACKEND_REQ, P.RESET_DEVICE)
 )
-# Where our guest memory appears in the (notional) front-end address space.
-USER_BASE = 0x7F00_0000_0000
+
+
+def _host_address(buffer: object) -> int:
+    """The process address of a writable buffer (what a VMM reports as user address)."""
+    probe = ctypes.c_char.from_buffer(buffer)  # type: ignore[arg-type]
+    try:
+        return ctypes.addressof(probe)
+    finally:
+        del probe
 
 
 def _nothing(_: int) -> None:
@@ -84,7 +92,10 @@ class VhostUserFrontend:
         self.timeout = timeout
         self._queue_max = queue_max_size
         self.guest = GuestMemory()
-        _region, self.memfd = self.guest.add_memfd(0, memory_size, name="pyvirtio-guest")
+        region, self.memfd = self.guest.add_memfd(0, memory_size, name="pyvirtio-guest")
+        # User addresses are our real mapping's addresses, as in a VMM: unique per
+        # process, so a back-end can never confuse them with a previous front-end's.
+        self.user_base = _host_address(region.owner)
         self.memory = self.guest
         self.allocator = Allocator(0x1000, memory_size - 0x1000)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -227,7 +238,9 @@ class VhostUserFrontend:
         regions = self.guest.regions
         payload = MEM_TABLE_HEADER.struct.pack(len(regions), 0)
         for region in regions:
-            payload += MEM_REGION.struct.pack(region.gpa, region.size, USER_BASE + region.gpa, 0)
+            payload += MEM_REGION.struct.pack(
+                region.gpa, region.size, self.user_base + region.gpa, 0
+            )
         self._tell(Message(Request.SET_MEM_TABLE, payload, fds=[self.memfd]))
 
     def read_device_features(self) -> int:
@@ -239,19 +252,16 @@ class VhostUserFrontend:
     def read_config(self, offset: int, size: int) -> bytes:
         if not self.protocol >> P.CONFIG & 1:
             return bytes(size)
-        out = b""
-        while size > 0:
-            chunk = min(size, 256)
-            msg = Message(
-                Request.GET_CONFIG, CONFIG_HEADER.struct.pack(offset, chunk, 0) + bytes(chunk)
-            )
-            reply = self._call(msg)
-            if len(reply.payload) != CONFIG_HEADER.size + chunk:
-                raise VhostUserError(f"GET_CONFIG failed for {offset}+{chunk}")
-            out += reply.payload[CONFIG_HEADER.size :]
-            offset += chunk
-            size -= chunk
-        return out
+        # Back-ends commonly answer from the start of the space whatever offset is
+        # asked (QEMU always asks from 0), so ask from 0 and cut out the range.
+        end = offset + size
+        if end > 256:
+            raise VhostUserError(f"config range {offset}+{size} beyond 256 bytes")
+        msg = Message(Request.GET_CONFIG, CONFIG_HEADER.struct.pack(0, end, 0) + bytes(end))
+        reply = self._call(msg)
+        if len(reply.payload) != CONFIG_HEADER.size + end:
+            raise VhostUserError(f"GET_CONFIG of {end} bytes failed (device config is shorter?)")
+        return reply.payload[CONFIG_HEADER.size + offset : CONFIG_HEADER.size + end]
 
     def write_config(self, offset: int, data: bytes) -> None:
         if not self.protocol >> P.CONFIG & 1:
@@ -275,9 +285,9 @@ class VhostUserFrontend:
         addr = VRING_ADDR.struct.pack(
             index,
             0,
-            USER_BASE + layout.desc,
-            USER_BASE + layout.device,
-            USER_BASE + layout.driver,
+            self.user_base + layout.desc,
+            self.user_base + layout.device,
+            self.user_base + layout.driver,
             0,
         )
         self._tell(Message(Request.SET_VRING_ADDR, addr))
@@ -299,6 +309,9 @@ class VhostUserFrontend:
         self._stop_ring(index)
 
     def _stop_ring(self, index: int) -> int:
+        if self.backend_features >> F_PROTOCOL_FEATURES & 1:
+            # Disable first, as a VMM does, so the back-end stops taking requests.
+            self._tell(state_message(Request.SET_VRING_ENABLE, index, 0))
         reply = self._call(state_message(Request.GET_VRING_BASE, index, 0))
         expect_size(reply, VRING_STATE.size)
         _index, base = reply.state()

@@ -81,6 +81,7 @@ class BlkDriver(VirtioDriver):
         return out
 
     def _config_field(self, name: str, size: int) -> int:
+        # Fields are read one by one only where the layout guarantees them.
         return int.from_bytes(self.read_config(BLK_CONFIG.offset_of(name), size), "little")
 
     def queues_wanted(self) -> int:
@@ -96,7 +97,10 @@ class BlkDriver(VirtioDriver):
 
     def refresh(self) -> None:
         """Re-read the config space (e.g. capacity after a resize)."""
-        cfg = BLK_CONFIG.unpack(self.read_config(0, BLK_CONFIG.size))
+        # Read only as far as the negotiated features reach: devices may have a
+        # shorter config space than the newest layout.
+        raw = self.read_config(0, self.config_bytes_needed())
+        cfg = BLK_CONFIG.unpack(raw.ljust(BLK_CONFIG.size, b"\0"))
 
         def field(name: str, bit: int | None = None) -> int:
             if bit is not None and not self.has(bit):
@@ -121,6 +125,16 @@ class BlkDriver(VirtioDriver):
             max_write_zeroes_sectors=field("max_write_zeroes_sectors", F.VIRTIO_BLK_F_WRITE_ZEROES),
             max_write_zeroes_seg=field("max_write_zeroes_seg", F.VIRTIO_BLK_F_WRITE_ZEROES),
         )
+
+    def config_bytes_needed(self) -> int:
+        """How much of virtio_blk_config the negotiated features make meaningful."""
+        if self.has(F.VIRTIO_BLK_F_ZONED):
+            return BLK_CONFIG.size
+        if self.has(F.VIRTIO_BLK_F_SECURE_ERASE):
+            return BLK_CONFIG.offset_of("zone_sectors")
+        if self.has(F.VIRTIO_BLK_F_DISCARD) or self.has(F.VIRTIO_BLK_F_WRITE_ZEROES):
+            return BLK_CONFIG.offset_of("max_secure_erase_sectors")
+        return BLK_CONFIG.offset_of("max_discard_sectors")
 
     @property
     def capacity(self) -> int:
