@@ -24,6 +24,7 @@ from virtio.core.driver import DriverTransport
 from virtio.devices.blk import BlkDevice, BlkDriver, BlkOptions
 from virtio.devices.blk.wire import BLK_REQ_HEADER, S_OK, SECTOR_SIZE, T_IN, T_OUT
 from virtio.errors import VirtioError
+from virtio.memory import Memory
 
 RW_MODES = ("read", "write", "randread", "randwrite", "readwrite", "randrw")
 _HDR = BLK_REQ_HEADER.struct
@@ -56,6 +57,7 @@ class JobSpec:
     rwmixread: int = 50
     verify: bool = False
     seed: int = 1
+    spin_us: float = 50.0
 
 
 @dataclass
@@ -110,13 +112,27 @@ def pattern(lba: int, tag: int, nbytes: int) -> bytes:
 class _Slot:
     """One in-flight request's guest buffers, reused for the whole run."""
 
-    __slots__ = ("data", "header", "is_write", "lba", "queue", "started", "status", "tag")
+    __slots__ = (
+        "data",
+        "header",
+        "header_view",
+        "is_write",
+        "lba",
+        "queue",
+        "started",
+        "status",
+        "status_view",
+        "tag",
+    )
 
-    def __init__(self, queue: int, header: int, data: int, status: int) -> None:
+    def __init__(self, queue: int, header: int, data: int, status: int, memory: Memory) -> None:
         self.queue = queue
         self.header = header
         self.data = data
         self.status = status
+        # Views made once: the hot loop writes headers and reads status in place.
+        self.header_view = memory.view(header, 16)
+        self.status_view = memory.view(status, 1)
         self.is_write = False
         self.lba = 0
         self.started = 0
@@ -147,6 +163,8 @@ class LoadGenerator:
         if spec.num_queues > len(driver.queues):
             raise ValueError(f"--num-queues {spec.num_queues}: device has {len(driver.queues)}")
         self.rng = random.Random(spec.seed)
+        # Seconds to poll for completions before sleeping on an interrupt.
+        self.spin = spec.spin_us / 1e6
         self.seq_next = 0
         self.written: dict[int, int] = {}  # lba -> tag of the last completed write
         self.slots: list[_Slot] = []
@@ -154,8 +172,25 @@ class LoadGenerator:
         for q in range(spec.num_queues):
             for _ in range(spec.iodepth):
                 self.slots.append(
-                    _Slot(q, alloc.alloc(16, 16), alloc.alloc(spec.bs, 4096), alloc.alloc(1, 1))
+                    _Slot(
+                        q,
+                        alloc.alloc(16, 16),
+                        alloc.alloc(spec.bs, 4096),
+                        alloc.alloc(1, 1),
+                        self.memory,
+                    )
                 )
+        # Direct descriptors when the ring has room for every request: no indirect
+        # table to allocate per request.
+        offsets = []
+        off = 0
+        for n in driver.segment_sizes(spec.bs):
+            offsets.append((off, n))
+            off += n
+        self.pieces = offsets  # the data buffer's segments, within size_max
+        per_request = len(offsets) + 2
+        self.indirect = spec.iodepth * per_request > min(q.size for q in driver.queues)
+        self.busy: set[int] = set()  # LBAs with a request in flight
 
     def _next_op(self) -> tuple[bool, int]:
         spec = self.spec
@@ -174,32 +209,42 @@ class LoadGenerator:
         return is_write, block * (spec.bs // SECTOR_SIZE)
 
     def _post(self, slot: _Slot) -> None:
-        is_write, lba = self._next_op()
+        # Never two requests on one block at once: their order is undefined, and
+        # verification could not say which data is right.
+        for _ in range(64):
+            is_write, lba = self._next_op()
+            if lba not in self.busy:
+                break
+        else:
+            raise ValueError("--size is too small for --iodepth: blocks are all busy")
+        self.busy.add(lba)
         if self.spec.verify and not is_write and lba not in self.written:
             is_write = True  # only read back what this run wrote
         slot.is_write = is_write
         slot.lba = lba
         mem = self.memory
         bs = self.spec.bs
+        data_segs = [(slot.data + off, n) for off, n in self.pieces]
         if is_write:
-            mem.write(slot.header, _HDR.pack(T_OUT, 0, lba))
+            _HDR.pack_into(slot.header_view, 0, T_OUT, 0, lba)
             if self.spec.verify:
                 slot.tag = self.rng.getrandbits(63) | 1
                 mem.write(slot.data, pattern(lba, slot.tag, bs))
-            segs_out = [(slot.header, 16), (slot.data, bs)]
+            segs_out = [(slot.header, 16), *data_segs]
             segs_in = [(slot.status, 1)]
         else:
-            mem.write(slot.header, _HDR.pack(T_IN, 0, lba))
+            _HDR.pack_into(slot.header_view, 0, T_IN, 0, lba)
             segs_out = [(slot.header, 16)]
-            segs_in = [(slot.data, bs), (slot.status, 1)]
-        mem.write(slot.status, b"\xff")
+            segs_in = [*data_segs, (slot.status, 1)]
+        slot.status_view[0] = 0xFF
         slot.started = time.perf_counter_ns()
-        self.driver.queues[slot.queue].add(segs_out, segs_in, slot)
+        self.driver.queues[slot.queue].add(segs_out, segs_in, slot, use_indirect=self.indirect)
 
     def _complete(self, slot: _Slot, result: Result) -> None:
         now = time.perf_counter_ns()
+        self.busy.discard(slot.lba)
         result.latencies_ns.append(now - slot.started)
-        status = self.memory.read(slot.status, 1)[0]
+        status = slot.status_view[0]
         if status != S_OK:
             result.errors += 1
         bs = self.spec.bs
@@ -261,14 +306,20 @@ class LoadGenerator:
                 last_report = now
                 self.progress(result, now - start)
             if not progressed:
-                # Nothing done yet: sleep on the used-buffer notification.
-                for q in queues:
-                    if driver.queues[q].enable_interrupts():
+                # Nothing done yet: poll the used rings for a moment (a completion
+                # is often microseconds away), then sleep on the notification.
+                spin_until = time.perf_counter() + self.spin
+                while time.perf_counter() < spin_until:
+                    if any(driver.queues[q].has_used() for q in queues):
                         break
                 else:
-                    driver.transport.wait_interrupt(0.05)
-                for q in queues:
-                    driver.queues[q].disable_interrupts()
+                    for q in queues:
+                        if driver.queues[q].enable_interrupts():
+                            break
+                    else:
+                        driver.transport.wait_interrupt(0.05)
+                    for q in queues:
+                        driver.queues[q].disable_interrupts()
                 driver._check_usable()
         result.seconds = time.perf_counter() - start
         return result

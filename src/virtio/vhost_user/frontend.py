@@ -337,8 +337,10 @@ class VhostUserFrontend:
 
     def wait_interrupt(self, timeout: float | None) -> bool:
         """Wait for a call eventfd or a back-end request; False on timeout."""
-        self._check_alive()
         events = self.poller.poll(-1 if timeout is None else timeout)
+        if not events:
+            # Only a quiet spell costs the liveness probe (a syscall per wait would not).
+            self._check_alive()
         delivered = False
         for fd, _mask in events:
             if fd in self.call_fds:

@@ -50,6 +50,7 @@ class BlkGeometry:
     opt_io_size: int
     num_queues: int
     seg_max: int
+    size_max: int  # 0: no limit
     read_only: bool
     writeback: bool | None
     max_discard_sectors: int
@@ -118,6 +119,7 @@ class BlkDriver(VirtioDriver):
             opt_io_size=field("opt_io_size", F.VIRTIO_BLK_F_TOPOLOGY),
             num_queues=field("num_queues", F.VIRTIO_BLK_F_MQ) or 1,
             seg_max=field("seg_max", F.VIRTIO_BLK_F_SEG_MAX),
+            size_max=field("size_max", F.VIRTIO_BLK_F_SIZE_MAX),
             read_only=self.has(F.VIRTIO_BLK_F_RO),
             writeback=bool(field("writeback")) if wce else None,
             max_discard_sectors=field("max_discard_sectors", F.VIRTIO_BLK_F_DISCARD),
@@ -151,13 +153,26 @@ class BlkDriver(VirtioDriver):
                 f"[{N_BLK_DRV_OP}]"
             )
 
+    def segment_sizes(self, nbytes: int) -> list[int]:
+        """Split a data buffer into segments no larger than the device's size_max."""
+        limit = self.geometry.size_max or nbytes or 1
+        sizes = [limit] * (nbytes // limit)
+        if nbytes % limit:
+            sizes.append(nbytes % limit)
+        return sizes
+
     def submit_read(self, sector: int, nbytes: int, queue: int = 0) -> Request:
         self._check(sector, nbytes)
-        return self.submit(queue, [_HDR.pack(T_IN, 0, sector)], [nbytes, 1])
+        return self.submit(queue, [_HDR.pack(T_IN, 0, sector)], [*self.segment_sizes(nbytes), 1])
 
     def submit_write(self, sector: int, data: bytes | memoryview, queue: int = 0) -> Request:
         self._check(sector, len(data))
-        return self.submit(queue, [_HDR.pack(T_OUT, 0, sector), data], [1])
+        view = memoryview(data).cast("B")
+        pieces, pos = [], 0
+        for n in self.segment_sizes(len(view)):
+            pieces.append(view[pos : pos + n])
+            pos += n
+        return self.submit(queue, [_HDR.pack(T_OUT, 0, sector), *pieces], [1])
 
     def status_of(self, request: Request) -> int:
         addr, _ = request.in_[-1]
@@ -169,10 +184,8 @@ class BlkDriver(VirtioDriver):
             status = self.status_of(request)
             if status != S_OK:
                 raise BlkError(status, what)
-            if len(request.in_) > 1:
-                addr, n = request.in_[0]
-                return self.transport.memory.read(addr, n)
-            return b""
+            memory = self.transport.memory
+            return b"".join(memory.read(addr, n) for addr, n in request.in_[:-1])
         finally:
             self.release(request)
 
