@@ -360,9 +360,12 @@ class BackendSession(DeviceHooks):
         if not 1 <= nregions <= MAX_MEM_REGIONS:
             raise VhostUserError(f"SET_MEM_TABLE: {nregions} regions (1..{MAX_MEM_REGIONS})")
         expected = MEM_TABLE_HEADER.size + nregions * MEM_REGION.size
-        if len(payload) not in (
-            expected,
-            MEM_TABLE_HEADER.size + MAX_MEM_REGIONS * MEM_REGION.size,
+        # Front-ends send their whole fixed-size array (QEMU 8 entries, UML 2): the
+        # payload may be longer than the regions in use, in whole entries.
+        longest = MEM_TABLE_HEADER.size + MAX_MEM_REGIONS * MEM_REGION.size
+        if (
+            not expected <= len(payload) <= longest
+            or (len(payload) - MEM_TABLE_HEADER.size) % MEM_REGION.size
         ):
             raise VhostUserError(f"SET_MEM_TABLE: payload is {len(payload)} bytes for {nregions}")
         if len(msg.fds) != nregions:
