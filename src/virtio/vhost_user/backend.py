@@ -28,6 +28,7 @@ from virtio.core.device import DeviceHooks, VirtioDevice
 from virtio.errors import SpecViolation
 from virtio.memory import Buffer, GuestMemory
 from virtio.queue import Chain, PackedDeviceQueue, SplitDeviceQueue
+from virtio.queue.common import MAX_QUEUE_SIZE
 from virtio.spec import features as F
 from virtio.spec.status import DeviceStatus as S
 from virtio.vhost_user.inflight import InflightSplit, queue_region_size
@@ -155,7 +156,11 @@ class BackendSession(DeviceHooks):
         self.device = device
         self.host = host
         self.num_queues = len(device.queues)
-        self.max_queue_size = max_queue_size or min(q.max_size for q in device.queues)
+        # Over vhost-user the front-end (the VMM, or the guest through it) picks the
+        # ring size; the back-end takes any size the rings allow.
+        self.max_queue_size = max_queue_size or MAX_QUEUE_SIZE
+        for q in device.queues:
+            q.max_size = max(q.max_size, self.max_queue_size)
         self.offered_protocol = protocol_features
         self.features = 0
         self.protocol = 0
@@ -703,19 +708,19 @@ class BackendSession(DeviceHooks):
         self._no_fds(msg)
         self._require(P.INFLIGHT_SHMFD, msg)
         expect_size(msg, INFLIGHT.size)
-        _size, _off, num_queues, queue_size = INFLIGHT.struct.unpack(msg.payload)
+        _size, _off, num_queues, queue_size, _pad = INFLIGHT.struct.unpack(msg.payload)
         if not 1 <= num_queues <= self.num_queues or not 1 <= queue_size <= 32768:
             raise VhostUserError(f"GET_INFLIGHT_FD: {num_queues} queues of {queue_size}")
         size = num_queues * queue_region_size(queue_size)
         fd, buffer = self.host.create_shared(size)
         self._set_inflight(fd, buffer, queue_size)
-        return reply_to(msg, INFLIGHT.struct.pack(size, 0, num_queues, queue_size), [fd])
+        return reply_to(msg, INFLIGHT.struct.pack(size, 0, num_queues, queue_size, bytes(4)), [fd])
 
     def _on_set_inflight_fd(self, msg: Message) -> None:
         self._require(P.INFLIGHT_SHMFD, msg)
         expect_size(msg, INFLIGHT.size)
         fd = self._take_fd(msg)
-        size, offset, num_queues, queue_size = INFLIGHT.struct.unpack(msg.payload)
+        size, offset, num_queues, queue_size, _pad = INFLIGHT.struct.unpack(msg.payload)
         if (
             not 1 <= num_queues <= self.num_queues
             or not 1 <= queue_size <= 32768

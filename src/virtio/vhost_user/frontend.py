@@ -18,19 +18,18 @@ import logging
 import os
 import select
 import socket
-import time
 from collections.abc import Callable, Iterator
 
 from virtio.memory import Allocator, GuestMemory
 from virtio.queue import RingLayout
 from virtio.spec.device_ids import DeviceId
 from virtio.spec.status import DeviceStatus as S
+from virtio.vhost_user.io import PeerClosed, recv_message, send_message
 from virtio.vhost_user.wire import (
     CONFIG_HEADER,
     F_LOG_ALL,
     F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,
-    MAX_FDS,
     MAX_PAYLOAD,
     MEM_REGION,
     MEM_TABLE_HEADER,
@@ -124,46 +123,26 @@ class VhostUserFrontend:
     # -- plumbing ------------------------------------------------------------------------
 
     def _send(self, msg: Message) -> None:
-        data = encode(msg)
         try:
-            if msg.fds:
-                sent = socket.send_fds(self.sock, [data], msg.fds)
-                if sent < len(data):
-                    self.sock.sendall(data[sent:])
-            else:
-                self.sock.sendall(data)
+            send_message(self.sock, msg)
         except OSError as err:
             raise VhostUserError(
                 f"back-end connection lost while sending {msg.name()}: {err}"
             ) from err
 
     def _recv(self, request: int) -> Message:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            for msg in self._pending:
-                self._pending.remove(msg)
-                return self._check_reply(msg, request)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise VhostUserError(f"no reply to {Request(request).name} in {self.timeout}s")
-            self.sock.settimeout(remaining)
-            try:
-                data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_PAYLOAD + 64, MAX_FDS)
-            except TimeoutError:
-                continue
-            except OSError as err:
-                raise VhostUserError(f"back-end connection lost: {err}") from err
-            if not data:
-                raise VhostUserError(
-                    f"back-end closed the connection (waiting for {Request(request).name})"
-                )
-            self._pending.extend(self.decoder.feed(data, fds))
-
-    @property
-    def _pending(self) -> list[Message]:
-        if not hasattr(self, "_pending_list"):
-            self._pending_list: list[Message] = []
-        return self._pending_list
+        self.sock.settimeout(self.timeout)
+        try:
+            msg = recv_message(self.sock)
+        except PeerClosed as err:
+            raise VhostUserError(
+                f"back-end closed the connection (waiting for {Request(request).name})"
+            ) from err
+        except TimeoutError as err:
+            raise VhostUserError(f"no reply to {Request(request).name} in {self.timeout}s") from err
+        except OSError as err:
+            raise VhostUserError(f"back-end connection lost: {err}") from err
+        return self._check_reply(msg, request)
 
     def _check_reply(self, msg: Message, request: int) -> Message:
         if not msg.is_reply or msg.request != request:

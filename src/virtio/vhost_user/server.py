@@ -23,7 +23,8 @@ from virtio.core.device import VirtioDevice
 from virtio.errors import SpecViolation
 from virtio.memory import Buffer
 from virtio.vhost_user.backend import BackendSession
-from virtio.vhost_user.wire import MAX_FDS, MAX_PAYLOAD, Decoder, Message, VhostUserError, encode
+from virtio.vhost_user.io import PeerClosed, recv_message, send_message
+from virtio.vhost_user.wire import Message, VhostUserError, encode
 
 log = logging.getLogger("virtio.vhost_user.server")
 
@@ -159,7 +160,6 @@ class VhostUserServer:
         poller = select.epoll()
         host = OsHost(poller)
         session = BackendSession(self.device, host)
-        decoder = Decoder()
         conn.setblocking(False)
         poller.register(conn.fileno(), select.EPOLLIN)
         try:
@@ -168,7 +168,7 @@ class VhostUserServer:
                 events = poller.poll(timeout)
                 for fd, _mask in events:
                     if fd == conn.fileno():
-                        if not self._read_messages(conn, decoder, session):
+                        if not self._read_messages(conn, session):
                             return
                     elif fd in host.kick_fds:
                         with contextlib.suppress(BlockingIOError):
@@ -179,8 +179,6 @@ class VhostUserServer:
         except (VhostUserError, SpecViolation) as err:
             log.error("closing the connection: %s", err)
         finally:
-            for fd in decoder.take_fds():
-                host.close(fd)
             session.close()
             poller.close()
             self._flush()
@@ -188,43 +186,40 @@ class VhostUserServer:
     def _kick(self, session: BackendSession, index: int) -> None:
         session.kick(index)
 
-    def _read_messages(
-        self, conn: socket.socket, decoder: Decoder, session: BackendSession
-    ) -> bool:
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(conn, MAX_PAYLOAD + 64, MAX_FDS)
-        except BlockingIOError:
-            return True
-        except OSError as err:
-            log.info("connection error: %s", err)
-            return False
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            return False
-        for msg in decoder.feed(data, fds):
+    def _read_messages(self, conn: socket.socket, session: BackendSession) -> bool:
+        """Handle every message waiting on the connection; False when it should close."""
+        while True:
+            conn.setblocking(False)
+            try:
+                ready = conn.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                return True
+            except OSError as err:
+                log.info("connection error: %s", err)
+                return False
+            if not ready:
+                return False
+            # A message that has begun arrives whole within moments.
+            conn.settimeout(5.0)
+            try:
+                msg = recv_message(conn)
+            except PeerClosed:
+                return False
+            except (VhostUserError, OSError) as err:
+                log.error("unreadable message from the front-end: %s", err)
+                return False
             log.debug("<- %s (%d bytes, %d fds)", msg.name(), len(msg.payload), len(msg.fds))
             try:
                 replies = session.handle(msg)
             except (VhostUserError, SpecViolation) as err:
                 log.error("front-end sent a bad %s: %s", msg.name(), err)
                 return False
-            for reply in replies:
-                self._send(conn, reply)
-        return True
-
-    def _send(self, conn: socket.socket, msg: Message) -> None:
-        data = encode(msg)
-        conn.setblocking(True)
-        try:
-            if msg.fds:
-                sent = socket.send_fds(conn, [data], msg.fds)
-                if sent < len(data):
-                    conn.sendall(data[sent:])
-            else:
-                conn.sendall(data)
-        finally:
-            conn.setblocking(False)
+            try:
+                for reply in replies:
+                    send_message(conn, reply)
+            except OSError as err:
+                log.info("cannot reply: %s", err)
+                return False
 
     def _flush(self) -> None:
         flush = getattr(self.device, "flush_backend", None)

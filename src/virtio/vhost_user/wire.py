@@ -145,7 +145,14 @@ LOG = Layout("VhostUserLog", [("mmap_size", u64), ("mmap_offset", u64)])
 CONFIG_HEADER = Layout("VhostUserConfig", [("offset", u32), ("size", u32), ("flags", u32)])
 INFLIGHT = Layout(
     "VhostUserInflight",
-    [("mmap_size", u64), ("mmap_offset", u64), ("num_queues", u16), ("queue_size", u16)],
+    [
+        ("mmap_size", u64),
+        ("mmap_offset", u64),
+        ("num_queues", u16),
+        ("queue_size", u16),
+        # QEMU's struct is not packed: its size rounds up to 24 bytes.
+        ("padding", Bytes(4)),
+    ],
 )
 IOTLB = Layout(
     "vhost_iotlb_msg",
