@@ -617,8 +617,18 @@ class BackendSession(DeviceHooks):
     def _attach_inflight(self, vring: Vring, q: SplitDeviceQueue) -> list[Chain]:
         if self.inflight is None or not self.inflight_queue_size:
             return []
-        if vring.num > self.inflight_queue_size:
-            raise VhostUserError("ring larger than its inflight record")
+        if vring.num > self.inflight_queue_size or vring.index * queue_region_size(
+            self.inflight_queue_size
+        ) + queue_region_size(self.inflight_queue_size) > len(memoryview(self.inflight)):
+            # The front-end sized the record for smaller rings than it then set up
+            # (QEMU does so on virtio-mmio): serve the ring without the record.
+            log.warning(
+                "ring %d has %d entries, its inflight record %d: not tracking it",
+                vring.index,
+                vring.num,
+                self.inflight_queue_size,
+            )
+            return []
         region = queue_region_size(self.inflight_queue_size)
         view = memoryview(self.inflight)[vring.index * region : (vring.index + 1) * region]
         return InflightSplit(view, vring.num).resume(q)

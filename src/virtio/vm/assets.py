@@ -232,15 +232,20 @@ def _check_order(modules: list[tuple[str, Path]]) -> None:
 HOSTRUN = """#!/bin/sh
 prog=$1
 shift
-libs=/host/lib/x86_64-linux-gnu:/host/usr/lib/x86_64-linux-gnu
-libs=$libs:/host/usr/lib/x86_64-linux-gnu/ceph
-exec /host/lib64/ld-linux-x86-64.so.2 --library-path $libs "/host$prog" "$@"
+libs=/host/usr/lib/x86_64-linux-gnu:/host/usr/lib/x86_64-linux-gnu/ceph
+exec /host{loader} --library-path $libs "/host$prog" "$@"
 """
+
+
+def hostrun_script() -> str:
+    # Absolute symlinks on the host would point into the guest's own tree, so the
+    # loader is named by its real path.
+    return HOSTRUN.format(loader=os.path.realpath("/lib64/ld-linux-x86-64.so.2"))
 
 
 def _busybox_tree(writer: CpioWriter) -> None:
     writer.host_file("bin/busybox", BUSYBOX, 0o755)
-    writer.file("bin/hostrun", HOSTRUN.encode(), 0o755)
+    writer.file("bin/hostrun", hostrun_script().encode(), 0o755)
     for applet in APPLETS:
         if applet != "busybox":
             writer.symlink(f"bin/{applet}", "busybox")
@@ -278,7 +283,7 @@ def _build_uml_root(root: Path, uml_version: str) -> None:
             raise AssetError(f"UML module {name} not found under {modules_dir}")
         shutil.copy2(found[0], root / "lib" / "pyvirtio" / f"{name}.ko")
     (root / "etc" / "pyvirtio-modules").write_text("\n".join(UML_MODULES) + "\n")
-    for name, text in (("init", GUEST_INIT), ("bin/hostrun", HOSTRUN)):
+    for name, text in (("init", GUEST_INIT), ("bin/hostrun", hostrun_script())):
         path = root / name
         path.write_text(text)
         path.chmod(0o755)
@@ -300,7 +305,7 @@ def prepare(progress: Progress | None = None) -> GuestAssets:
         "busybox": _package_version("busybox-static"),
         "uml": _package_version("user-mode-linux"),
         "uml_modules": uml_versions[-1],
-        "init": hashlib.sha256((GUEST_INIT + HOSTRUN).encode()).hexdigest(),
+        "init": hashlib.sha256((GUEST_INIT + hostrun_script()).encode()).hexdigest(),
         "modules": QEMU_MODULES + UML_MODULES,
         "applets": APPLETS,
     }
