@@ -28,10 +28,17 @@ def _serve(argv: list[str]) -> int:
     return main(argv)
 
 
+def _demo(argv: list[str]) -> int:
+    from virtio.demo import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, tuple[Handler, str]] = {
     "spec-coverage": (_spec_coverage, "normative blocks covered by the tests, per area"),
     "bench": (_bench, "benchmarks: `virtio bench ring`, `virtio bench blk`"),
     "serve": (_serve, "serve a device over vhost-user: `virtio serve blk`"),
+    "demo": (_demo, "serve a disk and boot a real Linux guest against it"),
 }
 
 
