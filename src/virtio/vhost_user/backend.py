@@ -347,8 +347,9 @@ class BackendSession(DeviceHooks):
                 raise VhostUserError(f"memory region at user {user_addr:#x} overlaps another")
 
     def _add_region(self, fd: int, guest_addr: int, size: int, user_addr: int, offset: int) -> None:
-        self._check_region(guest_addr, size, user_addr, offset)
+        # The fd is closed whatever happens: the mapping keeps the memory.
         try:
+            self._check_region(guest_addr, size, user_addr, offset)
             buffer = self.host.map(fd, size, offset)
         except (OSError, ValueError) as err:
             raise VhostUserError(f"cannot map memory region: {err}") from err
@@ -384,7 +385,8 @@ class BackendSession(DeviceHooks):
         for v in running:
             self._stop(v)
         self._drop_memory()
-        fds, msg.fds = msg.fds, []
+        fds = list(msg.fds)
+        msg.fds.clear()  # ours now: each is closed once mapped (or on error)
         try:
             for fd, (guest_addr, size, user_addr, offset) in zip(fds, entries, strict=True):
                 fds_left = fds[fds.index(fd) + 1 :]
