@@ -300,6 +300,6 @@ def test_decoder_frames_split_and_joined_messages() -> None:
 
 
 def test_protocol_feature_numbers() -> None:
-    assert ProtocolFeature.INFLIGHT_SHMFD == 12 and ProtocolFeature.STATUS == 16
-    assert Request.GET_INFLIGHT_FD == 31 and Request.SET_STATUS == 39
+    assert (int(ProtocolFeature.INFLIGHT_SHMFD), int(ProtocolFeature.STATUS)) == (12, 16)
+    assert (int(Request.GET_INFLIGHT_FD), int(Request.SET_STATUS)) == (31, 39)
     assert INFLIGHT.size == 24 and VRING_ADDR.size == 40 and SINGLE_MEM_REGION.size == 40

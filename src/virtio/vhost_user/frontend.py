@@ -20,7 +20,7 @@ import select
 import socket
 from collections.abc import Callable, Iterator
 
-from virtio.memory import Allocator, GuestMemory
+from virtio.memory import Allocator, GuestMemory, Memory
 from virtio.queue import RingLayout
 from virtio.spec.device_ids import DeviceId
 from virtio.spec.status import DeviceStatus as S
@@ -95,7 +95,7 @@ class VhostUserFrontend:
         # User addresses are our real mapping's addresses, as in a VMM: unique per
         # process, so a back-end can never confuse them with a previous front-end's.
         self.user_base = _host_address(region.owner)
-        self.memory = self.guest
+        self.memory: Memory = self.guest
         self.allocator = Allocator(0x1000, memory_size - 0x1000)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
