@@ -462,9 +462,9 @@ class VirtioDevice:
     def fail(self, reason: str, normative: str | None = None) -> None:
         """Enter DEVICE_NEEDS_RESET because of a driver's error."""
         where = f" [{normative}]" if normative else ""
-        self.needs_reset_reason = f"{reason}{where}"
         if self.status & S.DEVICE_NEEDS_RESET:
-            return
+            return  # the first reason is the one worth keeping
+        self.needs_reset_reason = f"{reason}{where}"
         log.warning("%s: DEVICE_NEEDS_RESET: %s%s", type(self).__name__, reason, where)
         was_live = bool(self.status & S.DRIVER_OK)
         self.status |= S.DEVICE_NEEDS_RESET
