@@ -51,7 +51,7 @@ def test_device_ids_match_the_data() -> None:
     rows = data("device-ids.json")["device_ids"]
     assert isinstance(rows, list)
     assert sorted(int(d) for d in DeviceId) == sorted(r["id"] for r in rows)
-    assert DeviceId.BLOCK == 2 and DeviceId.ENTROPY == 4 and DeviceId.MEDIA == 48
+    assert (int(DeviceId.BLOCK), int(DeviceId.ENTROPY), int(DeviceId.MEDIA)) == (2, 4, 48)
     assert device_name(2) == "block device"
     assert device_name(14).startswith("unassigned")
 
