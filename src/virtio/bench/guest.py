@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
                     str(image),
                 ],
                 stdout=subprocess.DEVNULL,
-                stderr=open(work / "ours.log", "wb"),
+                stderr=ours_log,
                 start_new_session=True,
             ),
             subprocess.Popen(
@@ -120,7 +120,7 @@ def main(argv: list[str]) -> int:
                     f"addr.path={qsd_sock},node-name=disk0,writable=on,num-queues=1",
                 ],
                 stdout=subprocess.DEVNULL,
-                stderr=open(work / "qsd.log", "wb"),
+                stderr=qsd_log,
                 start_new_session=True,
             ),
         ]
