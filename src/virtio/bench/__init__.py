@@ -7,13 +7,19 @@ import sys
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: virtio bench {ring,blk,guest} [options]  (see `virtio bench ring --help`)")
+        print(
+            "usage: virtio bench {ring,blk,backends,guest} [options]  (see `virtio bench ring --help`)"
+        )
         return 0 if argv else 2
     kind, rest = argv[0], argv[1:]
     if kind == "ring":
         from virtio.bench.ring import main as ring_main
 
         return ring_main(rest)
+    if kind == "backends":
+        from virtio.bench.backends import main as backends_main
+
+        return backends_main(rest)
     if kind == "guest":
         from virtio.bench.guest import main as guest_main
 

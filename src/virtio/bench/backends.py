@@ -1,0 +1,148 @@
+"""`virtio bench backends`: `virtio bench blk` against qemu-storage-daemon and `virtio serve blk`.
+
+Both back-ends serve the same image; the pyvirtio driver and front-end load
+each in turn with the same jobs, in one run, and the table gives both and
+the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from virtio.bench.blk import JobSpec, LoadGenerator
+from virtio.devices.blk import BlkDriver
+from virtio.vhost_user.frontend import connect_blk
+
+JOBS = [
+    ("4k randread QD1", JobSpec(rw="randread", bs=4096, iodepth=1)),
+    ("4k randread QD32", JobSpec(rw="randread", bs=4096, iodepth=32)),
+    ("1M seq read QD4", JobSpec(rw="read", bs=1 << 20, iodepth=4)),
+]
+
+
+def _start(cmd: list[str], sock: Path, log: Path, stack: ExitStack) -> subprocess.Popen[bytes]:
+    out = stack.enter_context(open(log, "wb"))  # noqa: SIM115 (closed by the stack)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+    deadline = time.monotonic() + 15
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{cmd[0]} did not start: {log.read_text()}")
+        time.sleep(0.05)
+    return proc
+
+
+def run_jobs(sock: Path, runtime: float) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for name, template in JOBS:
+        with connect_blk(str(sock)) as frontend:
+            driver = BlkDriver(frontend)
+            driver.initialize()
+            spec = JobSpec(**{**template.__dict__, "runtime": runtime})
+            result = LoadGenerator(driver, spec).run()
+            driver.reset()
+        summary = result.summary()
+        lat = summary["lat_us"]
+        assert isinstance(lat, dict)
+        out[name] = {
+            "iops": float(str(summary["iops"])),
+            "mb_s": float(str(summary["bw_bytes_per_s"])) / 1e6,
+            "p50_us": float(lat["p50"]),
+            "errors": float(str(summary["errors"])),
+        }
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="virtio bench backends", description=__doc__)
+    parser.add_argument("--runtime", type=float, default=5.0, help="seconds per job")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if shutil.which("qemu-storage-daemon") is None:
+        print("virtio bench backends: qemu-storage-daemon is not installed", file=sys.stderr)
+        return 1
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pyvirtio-bench-")))
+        image = work / "disk.img"
+        with open(image, "wb") as f:
+            f.truncate(256 << 20)
+        qsd_sock, ours_sock = work / "qsd.sock", work / "ours.sock"
+        procs = [
+            _start(
+                [
+                    "qemu-storage-daemon",
+                    "--blockdev",
+                    f"driver=file,node-name=file0,filename={image}",
+                    "--blockdev",
+                    "driver=raw,node-name=disk0,file=file0",
+                    "--export",
+                    "type=vhost-user-blk,id=exp0,addr.type=unix,"
+                    f"addr.path={qsd_sock},node-name=disk0,writable=on",
+                ],
+                qsd_sock,
+                work / "qsd.log",
+                stack,
+            ),
+            _start(
+                [
+                    sys.executable,
+                    "-m",
+                    "virtio.cli",
+                    "serve",
+                    "blk",
+                    "--socket",
+                    str(ours_sock),
+                    str(image),
+                ],
+                ours_sock,
+                work / "ours.log",
+                stack,
+            ),
+        ]
+        try:
+            theirs = run_jobs(qsd_sock, args.runtime)
+            ours = run_jobs(ours_sock, args.runtime)
+        finally:
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+    rows = [
+        {
+            "job": name,
+            "qsd_iops": round(theirs[name]["iops"]),
+            "pyvirtio_iops": round(ours[name]["iops"]),
+            "ratio": round(ours[name]["iops"] / theirs[name]["iops"], 3),
+            "qsd_mb_s": round(theirs[name]["mb_s"], 1),
+            "pyvirtio_mb_s": round(ours[name]["mb_s"], 1),
+            "qsd_p50_us": theirs[name]["p50_us"],
+            "pyvirtio_p50_us": ours[name]["p50_us"],
+        }
+        for name, _ in JOBS
+    ]
+    if args.json:
+        print(json.dumps({"runtime_s": args.runtime, "rows": rows}))
+        return 0
+    print(
+        "| job | qemu-storage-daemon IOPS | virtio serve blk IOPS | ratio | qsd MB/s | "
+        "pyvirtio MB/s | qsd p50 us | pyvirtio p50 us |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(
+            f"| {r['job']} | {r['qsd_iops']:,} | {r['pyvirtio_iops']:,} | {r['ratio']} | "
+            f"{r['qsd_mb_s']} | {r['pyvirtio_mb_s']} | {r['qsd_p50_us']} | "
+            f"{r['pyvirtio_p50_us']} |"
+        )
+    return 0
