@@ -134,3 +134,68 @@ def test_access_platform_through_an_iommu(tmp_path: Path) -> None:
     finally:
         device.close()
     assert image.read_bytes()[:4096] == b"\x42" * 4096
+
+
+N_SUSPEND_DRV = "drivernormative:General Initialization And Device Operation / Device Suspend"
+N_REENABLE_DRV = (
+    "drivernormative:Basic Facilities of a Virtio Device / Virtqueues / Virtqueue Reset / "
+    "Virtqueue Re-enable"
+)
+N_REENABLE_DEV = (
+    "devicenormative:Basic Facilities of a Virtio Device / Virtqueues / Virtqueue Reset / "
+    "Virtqueue Re-enable"
+)
+N_CLEANUP_DRV = "drivernormative:General Initialization And Device Operation / Device Cleanup"
+N_PACKED_ALIGN = "drivernormative:Basic Facilities of a Virtio Device / Packed Virtqueues"
+
+
+@pytest.mark.normative(N_SUSPEND_DRV)
+def test_driver_suspends_verifies_and_resumes() -> None:
+    with Loopback(RngDevice()) as lb:
+        driver = RngDriver(lb)
+        driver.initialize()
+        driver.suspend()
+        status = lb.read_status()
+        assert status & S.SUSPEND and not status & S.DRIVER_OK
+        with pytest.raises(NegotiationError, match="suspended"):
+            driver.read(8)  # no new buffers while suspended
+        driver.resume()
+        assert len(driver.read(8)) == 8
+
+
+@pytest.mark.normative(N_REENABLE_DRV, N_REENABLE_DEV)
+def test_queue_reset_and_re_enable_from_the_driver() -> None:
+    with Loopback(RngDevice()) as lb:
+        driver = RngDriver(lb)
+        driver.initialize()
+        assert driver.has(F.VIRTIO_F_RING_RESET)
+        request = driver.submit(0, [], [8])  # made available, never kicked
+        assert driver.reset_queue(0) == [request]
+        assert lb.device.queues[0].ring is not None  # configured again, as at discovery
+        assert len(driver.read(8)) == 8
+
+
+@pytest.mark.normative(N_CLEANUP_DRV)
+def test_exposed_buffers_are_taken_back_only_after_reset() -> None:
+    with Loopback(RngDevice()) as lb:
+        driver = RngDriver(lb)
+        driver.initialize()
+        driver.submit(0, [], [8])
+        queue = driver.queues[0]
+        assert queue.outstanding == 1
+        driver.reset()  # the device is no longer live: now the buffers come back
+        assert lb.read_status() == 0
+        assert queue.outstanding == 0
+
+
+@pytest.mark.normative(N_PACKED_ALIGN, N_INIT_DRV)
+@pytest.mark.parametrize("packed", [False, True])
+def test_driver_rings_are_aligned(packed: bool) -> None:
+    from virtio.queue import RingLayout
+
+    for base in (0x1000, 0x1001, 0x1003, 0x100F):
+        layout = RingLayout.contiguous(base, 7 if packed else 8, packed)
+        for addr, align in zip(
+            (layout.desc, layout.driver, layout.device), RingLayout.alignments(packed), strict=True
+        ):
+            assert addr % align == 0

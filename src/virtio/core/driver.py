@@ -31,6 +31,7 @@ N_FEATURES_DRV = "drivernormative:Basic Facilities of a Virtio Device / Feature 
 N_RESET_DRV = "drivernormative:Basic Facilities of a Virtio Device / Device Reset"
 N_STATUS_DEV = "devicenormative:Basic Facilities of a Virtio Device / Device Status Field"
 N_CONFIG_DRV = "drivernormative:Basic Facilities of a Virtio Device / Device Configuration Space"
+N_SUSPEND_DRV = "drivernormative:General Initialization And Device Operation / Device Suspend"
 
 # The core features this driver core knows how to use.
 CORE_FEATURES = (
@@ -110,6 +111,7 @@ class VirtioDriver:
         self.device_features = 0
         self.queues: list[DriverQueue] = []
         self.broken: str | None = None
+        self.suspended = False
         self.config_changes = 0
         transport.set_interrupt_handlers(self._on_used, self._on_config)
 
@@ -251,6 +253,38 @@ class VirtioDriver:
         t.setup_queue(index, q.ring.layout)
         return tokens
 
+    def suspend(self, timeout: float = 5.0) -> None:
+        """Suspend the device (VIRTIO_F_SUSPEND) and check that it did."""
+        if not self.has(F.VIRTIO_F_SUSPEND):
+            raise NegotiationError("VIRTIO_F_SUSPEND was not negotiated")
+        t = self.transport
+        if not t.read_status() & S.DRIVER_OK:
+            raise NegotiationError("only a live device can be suspended", N_SUSPEND_DRV)
+        t.write_status(t.read_status() | S.SUSPEND)
+        # Verify: SUSPEND reads 1 and DRIVER_OK reads 0.
+        self._wait_status(S.SUSPEND, S.DRIVER_OK, timeout, "suspend")
+        self.suspended = True
+
+    def resume(self, timeout: float = 5.0) -> None:
+        """Resume a suspended device: DRIVER_OK again, wait for SUSPEND to clear."""
+        t = self.transport
+        t.write_status(t.read_status() | S.DRIVER_OK)
+        self._wait_status(S.DRIVER_OK, S.SUSPEND, timeout, "resume")
+        self.suspended = False
+
+    def _wait_status(self, want: int, clear: int, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.transport.read_status()
+            if status & S.DEVICE_NEEDS_RESET:
+                self._break(f"device failed to {what}")
+                raise DeviceNeedsReset(f"device failed to {what}")
+            if status & want and not status & clear:
+                return
+            if time.monotonic() > deadline:
+                raise NegotiationError(f"device did not {what} in {timeout}s", N_SUSPEND_DRV)
+            time.sleep(0.001)
+
     # -- configuration space ------------------------------------------------------
 
     def read_config(self, offset: int, size: int, *, retries: int = 100) -> bytes:
@@ -391,6 +425,9 @@ class VirtioDriver:
     def _check_usable(self) -> None:
         if self.broken is not None:
             raise DeviceNeedsReset(self.broken)
+        if self.suspended:
+            # No new buffers and no notifications while the device is suspended.
+            raise NegotiationError("device is suspended", N_SUSPEND_DRV)
 
     def _break(self, reason: str) -> None:
         if self.broken is None:
