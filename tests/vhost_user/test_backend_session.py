@@ -303,3 +303,47 @@ def test_protocol_feature_numbers() -> None:
     assert (int(ProtocolFeature.INFLIGHT_SHMFD), int(ProtocolFeature.STATUS)) == (12, 16)
     assert (int(Request.GET_INFLIGHT_FD), int(Request.SET_STATUS)) == (31, 39)
     assert INFLIGHT.size == 24 and VRING_ADDR.size == 40 and SINGLE_MEM_REGION.size == 40
+
+
+def test_dirty_page_logging(session: tuple[BackendSession, FakeHost]) -> None:
+    """With VHOST_F_LOG_ALL, every page the device writes is marked in the shared log."""
+    from virtio.memory import Allocator, GuestMemory
+    from virtio.queue import driver_queue
+    from virtio.vhost_user.wire import F_LOG_ALL, LOG, VRING_F_LOG
+
+    s, _host = session
+    handshake(s)
+    features = 1 << F.VIRTIO_F_VERSION_1 | 1 << F_PROTOCOL_FEATURES | 1 << F_LOG_ALL
+    s.handle(Message(Request.SET_LOG_BASE, LOG.pack(mmap_size=64, mmap_offset=0), fds=[fd()]))
+    layout = RingLayout.contiguous(0x1000, 8)
+    s.handle(state_message(Request.SET_VRING_NUM, 0, 8))
+    addr = VRING_ADDR.struct.pack(
+        0,
+        VRING_F_LOG,
+        USER + layout.desc,
+        USER + layout.device,
+        USER + layout.driver,
+        layout.device,
+    )
+    s.handle(Message(Request.SET_VRING_ADDR, addr))
+    s.handle(u64_message(Request.SET_FEATURES, features))
+    s.handle(Message(Request.SET_VRING_KICK, bytes(8), fds=[fd()]))
+    s.handle(state_message(Request.SET_VRING_ENABLE, 0, 1))
+    # The driver side, in the same memory: a read request into page 0x20.
+    memory = GuestMemory()
+    memory.add(0, s.regions[0].buffer)
+    queue = driver_queue(memory, layout, allocator=Allocator(0x8000, 0x10000))
+    header = bytes(16)  # VIRTIO_BLK_T_IN, sector 0
+    memory.write(0x9000, header)
+    queue.add([(0x9000, 16)], [(0x20000, 512), (0xA000, 1)], "read")
+    s.kick(0)
+    assert queue.get_used() == [("read", 513)]
+    log = bytes(memoryview(s.log))  # type: ignore[arg-type]
+
+    def page_bit(page: int) -> int:
+        return log[page >> 3] >> (page & 7) & 1
+
+    assert page_bit(0x20000 // 4096) == 1  # the data buffer
+    assert page_bit(0xA000 // 4096) == 1  # the status byte
+    assert page_bit(layout.device // 4096) == 1  # the used ring
+    assert page_bit(0x9000 // 4096) == 0  # read-only to the device: not dirty

@@ -19,6 +19,7 @@ on error.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from virtio.vhost_user.wire import (
     F_PROTOCOL_FEATURES,
     INFLIGHT,
     LOG,
+    LOG_PAGE,
     MAX_CONFIG_SIZE,
     MAX_MEM_REGIONS,
     MEM_REGION,
@@ -45,6 +47,7 @@ from virtio.vhost_user.wire import (
     SINGLE_MEM_REGION,
     U64,
     VRING_ADDR,
+    VRING_F_LOG,
     VRING_INDEX_MASK,
     VRING_NOFD,
     VRING_STATE,
@@ -58,6 +61,16 @@ from virtio.vhost_user.wire import (
 )
 
 log = logging.getLogger("virtio.vhost_user.backend")
+
+
+def _address_of(view: memoryview) -> int:
+    """The process address of a writable buffer (to map a view back to guest memory)."""
+    probe = ctypes.c_char.from_buffer(view)
+    try:
+        return ctypes.addressof(probe)
+    finally:
+        del probe
+
 
 P = ProtocolFeature
 DEFAULT_PROTOCOL_FEATURES = sum(
@@ -648,7 +661,66 @@ class BackendSession(DeviceHooks):
         if not vring.started:
             self._maybe_start(vring)
         if vring.started and vring.enabled:
-            self.device.process_queue(index)
+            logging_on = self.logging
+            if logging_on:
+                self.device.handle_chain = self._logged_handle  # type: ignore[method-assign]
+            try:
+                self.device.process_queue(index)
+            finally:
+                if logging_on:
+                    del self.device.handle_chain
+                    self._log_used_ring(vring)
+
+    # dirty-page logging (VHOST_F_LOG_ALL, for live migration) ------------------------------
+
+    @property
+    def logging(self) -> bool:
+        return self.log is not None and bool(self.features >> F_LOG_ALL & 1)
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        """Set the log bits of the pages ``gpa..gpa+length`` touches."""
+        log_view = self.log
+        if log_view is None or length <= 0:
+            return
+        view = memoryview(log_view)
+        first, last = gpa // LOG_PAGE, (gpa + length - 1) // LOG_PAGE
+        for page in range(first, last + 1):
+            byte = page >> 3
+            if byte < view.nbytes:
+                # A plain read-modify-write can only set extra bits when it races the
+                # front-end clearing the log, never lose one of ours.
+                view[byte] |= 1 << (page & 7)
+        if self.log_fd is not None:
+            self.host.signal(self.log_fd)
+
+    def _logged_handle(self, queue_index: int, chain: Chain) -> int:
+        written = type(self.device).handle_chain(self.device, queue_index, chain)
+        remaining = written
+        for piece in chain.writable:
+            if remaining <= 0:
+                break
+            gpa = self._gpa_of(piece)
+            if gpa is not None:
+                self.mark_dirty(gpa, min(piece.nbytes, remaining))
+            remaining -= piece.nbytes
+        return written
+
+    def _gpa_of(self, view: memoryview) -> int | None:
+        address = _address_of(view)
+        for region in self.regions:
+            base = _address_of(memoryview(region.buffer))
+            if base <= address < base + region.size:
+                return region.guest_addr + (address - base)
+        return None
+
+    def _log_used_ring(self, vring: Vring) -> None:
+        if not vring.flags & VRING_F_LOG:
+            return
+        if self.packed and vring.desc is not None:
+            # A packed ring's used descriptors are written into the descriptor ring.
+            self.mark_dirty(self.user_to_guest(vring.desc, 16 * vring.num), 16 * vring.num)
+            return
+        self.mark_dirty(vring.log_addr, 6 + 8 * vring.num)
 
     # config, status, reset ------------------------------------------------------------------
 
