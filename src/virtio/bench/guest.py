@@ -102,6 +102,8 @@ def main(argv: list[str]) -> int:
                     "blk",
                     "--socket",
                     str(ours_sock),
+                    # Split rings, as qemu-storage-daemon has no packed ones: like for like.
+                    "--no-packed",
                     str(image),
                 ],
                 stdout=subprocess.DEVNULL,

@@ -208,7 +208,7 @@ class VhostUserServer:
             except (VhostUserError, OSError) as err:
                 log.error("unreadable message from the front-end: %s", err)
                 return False
-            log.debug("<- %s (%d bytes, %d fds)", msg.name(), len(msg.payload), len(msg.fds))
+            log.debug("<- %s %s (%d fds)", msg.name(), msg.payload.hex(), len(msg.fds))
             try:
                 replies = session.handle(msg)
             except (VhostUserError, SpecViolation) as err:
