@@ -91,6 +91,29 @@ class BigEndianHostU16:
 U16Array = memoryview | BigEndianHostU16
 
 
+class BigEndianHostU32:
+    """Little-endian u32 array access on a big-endian host."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+    def __getitem__(self, index: int) -> int:
+        return int.from_bytes(self.view[4 * index : 4 * index + 4], "little")
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self.view[4 * index : 4 * index + 4] = value.to_bytes(4, "little")
+
+
+U32Array = memoryview | BigEndianHostU32
+
+
+def u32_array(view: memoryview) -> U32Array:
+    """Index a ring area as little-endian u32s (native on little-endian hosts)."""
+    if sys.byteorder == "little":
+        return view.cast("I")
+    return BigEndianHostU32(view)
+
+
 def u16_array(view: memoryview) -> U16Array:
     """Index a ring area as little-endian u16s.
 

@@ -33,11 +33,13 @@ from virtio.queue.common import (
     Chain,
     InflightTracker,
     RingLayout,
+    U32Array,
     check_queue_size,
     encode_notification,
     fast_region,
     need_event,
     u16_array,
+    u32_array,
 )
 
 _DESC = VIRTQ_DESC.struct
@@ -74,6 +76,8 @@ class SplitRing:
         # Indices, flags and event words are accessed as whole u16s (see u16_array).
         self.avail16 = u16_array(self.avail)
         self.used16 = u16_array(self.used)
+        # The used ring's (id, len) pairs as native u32s, two per element.
+        self.used_elems: U32Array = u32_array(self.used[4 : 4 + 8 * self.size])
         self._avail_entries = (
             self.avail[4 : 4 + 2 * self.size].cast("H") if sys.byteorder == "little" else None
         )
@@ -183,10 +187,14 @@ class SplitDeviceQueue:
         out: list[Chain] = []
         append = out.append
         popped = 0
+        bad_head = None
+        if max(heads) >= size:
+            # Take the good heads before the bad one, then report it.
+            bad = next(i for i, h in enumerate(heads) if h >= size)
+            bad_head = heads[bad]
+            heads = heads[:bad]
         try:
             for head in heads:
-                if head >= size:
-                    raise RingError(f"available head {head} >= queue size {size}", N_AVAIL_RING)
                 addr, length, flags, _next = unpack_desc(desc, head << 4)
                 popped += 1
                 if flags & (DESC_F_NEXT | DESC_F_INDIRECT):
@@ -210,6 +218,8 @@ class SplitDeviceQueue:
             self._inflight += len(out)
             if self.tracker is not None and out:
                 self.tracker.popped([chain.head for chain in out])
+        if bad_head is not None:
+            raise RingError(f"available head {bad_head} >= queue size {size}", N_AVAIL_RING)
         return out
 
     def chain_at(self, head: int) -> Chain:
@@ -315,18 +325,22 @@ class SplitDeviceQueue:
         if not items:
             return
         ring = self.ring
-        used = ring.used
         mask = ring.mask
         idx = self.used_idx
-        pack = _ELEM.pack_into
+        elems = ring.used_elems
         if self.in_order:
             chain, written = items[-1]
-            pack(used, 4 + ((idx & mask) << 3), chain.head, written)
+            slot = (idx & mask) << 1
+            elems[slot] = chain.head
+            elems[slot + 1] = written
             idx = (idx + len(items)) & 0xFFFF
         else:
             for chain, written in items:
-                pack(used, 4 + ((idx & mask) << 3), chain.head, written)
-                idx = (idx + 1) & 0xFFFF
+                slot = (idx & mask) << 1
+                elems[slot] = chain.head
+                elems[slot + 1] = written
+                idx += 1
+            idx &= 0xFFFF
         tracker = self.tracker
         if tracker is not None:
             tracker.completing([chain.head for chain, _ in items])
