@@ -35,6 +35,7 @@ from virtio.queue.common import (
     fast_region,
     need_event,
     u16_array,
+    u32_array,
 )
 
 _DESC = PVIRTQ_DESC.struct
@@ -71,6 +72,7 @@ class PackedRing:
         # Flags and event words move as whole u16s (see u16_array): element 8*i+7
         # is descriptor i's flags; events are (off_wrap, flags).
         self.desc16 = u16_array(self.desc)
+        self.desc32 = u32_array(self.desc)
         self.driver_event16 = u16_array(self.driver_event)
         self.device_event16 = u16_array(self.device_event)
 
@@ -295,8 +297,8 @@ class PackedDeviceQueue:
         """Write used descriptors; in order, one descriptor covers the whole batch."""
         if not items:
             return
-        desc = self.ring.desc
         desc16 = self.ring.desc16
+        desc32 = self.ring.desc32
         size = self.size
         pos = self.next_used
         wrap = self.used_wrap
@@ -306,16 +308,18 @@ class PackedDeviceQueue:
             batches: Sequence[tuple[Chain, int, int]] = ((last, written, slots),)
         else:
             batches = [(chain, written, chain.slots) for chain, written in items]
+        used_bits = _BOTH if wrap else 0
         for chain, written, slots in batches:
-            flags = (_BOTH if wrap else 0) | (DESC_F_WRITE if written else 0)
-            off = pos << 4
-            # id and len land before the flags that hand the descriptor back.
-            _DESC.pack_into(desc, off, 0, written, chain.head, 0)
-            desc16[(pos << 3) + 7] = flags
+            # id and len land before the flags that hand the descriptor back; each is
+            # one native store, and the address (reserved in used descriptors) is left.
+            desc32[(pos << 2) + 2] = written
+            desc16[(pos << 3) + 6] = chain.head
+            desc16[(pos << 3) + 7] = used_bits | (DESC_F_WRITE if written else 0)
             pos += slots
             if pos >= size:
                 pos -= size
                 wrap ^= 1
+                used_bits = _BOTH if wrap else 0
             self._used_count += slots
             self._inflight -= slots
         self.next_used = pos
