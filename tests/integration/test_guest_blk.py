@@ -274,3 +274,28 @@ echo all-blocks-verified
     for i in range(blocks):
         assert data[i * 4096 : i * 4096 + len(f"block-{i}")] == f"block-{i}".encode()
     assert server.log_text().count("front-end connected") >= 2
+
+
+@pytest.mark.normative(N_PACKED_DEV, N_INDIRECT_DEV, N_BLK_DEV_OP)
+@pytest.mark.parametrize("vm", ["uml", "qemu"])
+def test_fio_at_queue_depth_32_on_packed_rings(
+    guest_assets: GuestAssets, blk_server: Callable[..., BlkServer], vm: str
+) -> None:
+    """Many requests in flight with indirect descriptors on a packed ring.
+
+    UML's driver once saw a used descriptor half-written here ("id 0 is not a
+    head"): used ids, lengths and flags must each be one store.
+    """
+    server = blk_server()
+    script = """
+set -e
+hostrun /usr/bin/fio --name=qd32 --filename=/dev/vda --direct=1 --ioengine=libaio \
+  --rw=randrw --bs=4k --iodepth=32 --runtime=3 --time_based --size=48M \
+  --verify=crc32c --verify_fatal=1 --output-format=terse > /tmp/fio.out
+cut -d';' -f1-8 /tmp/fio.out
+echo "features $(cat /sys/bus/virtio/devices/*/features)"
+"""
+    result = run(guest_assets, script, server, vm=vm, packed=True, host_share=True)
+    assert "is not a head" not in result.output
+    assert feature_bits(result)[34] == "1"
+    assert feature_bits(result)[28] == "1"  # indirect descriptors in use
