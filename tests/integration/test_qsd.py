@@ -142,3 +142,29 @@ def test_backend_killed_mid_run_is_a_clear_error(qsd: Callable[..., Qsd]) -> Non
             for i in range(1000):
                 driver.read(i * 8, 4096, timeout=5)
         assert time.monotonic() - started < 10, "the driver hung on a dead back-end"
+
+
+def test_bench_backends_compares_both(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from virtio.cli import main
+
+    assert main(["bench", "backends", "--runtime", "0.3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["job"] for r in rows] == ["4k randread QD1", "4k randread QD32", "1M seq read QD4"]
+    for r in rows:
+        assert r["qsd_iops"] > 0 and r["pyvirtio_iops"] > 0
+        assert abs(r["ratio"] - r["pyvirtio_iops"] / r["qsd_iops"]) < 0.01
+
+
+@pytest.mark.guest
+def test_bench_guest_runs_fio_on_both(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from virtio.cli import main
+
+    assert main(["bench", "guest", "--runtime", "1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["vm"] == "uml" and len(data["rows"]) == 4
+    for r in data["rows"]:
+        assert r["pyvirtio_iops"] > 0 and r["qsd_iops"] > 0

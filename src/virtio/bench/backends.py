@@ -8,19 +8,12 @@ the ratio.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from contextlib import ExitStack
 from pathlib import Path
 
 from virtio.bench.blk import JobSpec, LoadGenerator
+from virtio.bench.peers import backends
 from virtio.devices.blk import BlkDriver
 from virtio.vhost_user.frontend import connect_blk
 
@@ -29,17 +22,6 @@ JOBS = [
     ("4k randread QD32", JobSpec(rw="randread", bs=4096, iodepth=32)),
     ("1M seq read QD4", JobSpec(rw="read", bs=1 << 20, iodepth=4)),
 ]
-
-
-def _start(cmd: list[str], sock: Path, log: Path, stack: ExitStack) -> subprocess.Popen[bytes]:
-    out = stack.enter_context(open(log, "wb"))  # noqa: SIM115 (closed by the stack)
-    proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
-    deadline = time.monotonic() + 15
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{cmd[0]} did not start: {log.read_text()}")
-        time.sleep(0.05)
-    return proc
 
 
 def run_jobs(sock: Path, runtime: float) -> dict[str, dict[str, float]]:
@@ -68,56 +50,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runtime", type=float, default=5.0, help="seconds per job")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if shutil.which("qemu-storage-daemon") is None:
-        print("virtio bench backends: qemu-storage-daemon is not installed", file=sys.stderr)
+    try:
+        with backends(packed=True) as peers:
+            theirs = run_jobs(peers.qsd_socket, args.runtime)
+            ours = run_jobs(peers.pyvirtio_socket, args.runtime)
+    except RuntimeError as err:
+        print(f"virtio bench backends: {err}", file=sys.stderr)
         return 1
-    with ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pyvirtio-bench-")))
-        image = work / "disk.img"
-        with open(image, "wb") as f:
-            f.truncate(256 << 20)
-        qsd_sock, ours_sock = work / "qsd.sock", work / "ours.sock"
-        procs = [
-            _start(
-                [
-                    "qemu-storage-daemon",
-                    "--blockdev",
-                    f"driver=file,node-name=file0,filename={image}",
-                    "--blockdev",
-                    "driver=raw,node-name=disk0,file=file0",
-                    "--export",
-                    "type=vhost-user-blk,id=exp0,addr.type=unix,"
-                    f"addr.path={qsd_sock},node-name=disk0,writable=on",
-                ],
-                qsd_sock,
-                work / "qsd.log",
-                stack,
-            ),
-            _start(
-                [
-                    sys.executable,
-                    "-m",
-                    "virtio.cli",
-                    "serve",
-                    "blk",
-                    "--socket",
-                    str(ours_sock),
-                    str(image),
-                ],
-                ours_sock,
-                work / "ours.log",
-                stack,
-            ),
-        ]
-        try:
-            theirs = run_jobs(qsd_sock, args.runtime)
-            ours = run_jobs(ours_sock, args.runtime)
-        finally:
-            for proc in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=10)
     rows = [
         {
             "job": name,

@@ -9,18 +9,10 @@ each in turn; the table shows both and the ratio ours / theirs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from contextlib import ExitStack
-from pathlib import Path
 
+from virtio.bench.peers import backends
 from virtio.vm import AssetError, VhostUserBlkDisk, prepare, run_guest
 
 JOBS = [
@@ -29,14 +21,6 @@ JOBS = [
     ("4k randwrite QD32", "randwrite", "4k", 32),
     ("1M seq read", "read", "1M", 4),
 ]
-
-
-def _wait_socket(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 15
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start")
-        time.sleep(0.05)
 
 
 def guest_script(runtime: int) -> str:
@@ -76,73 +60,27 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if shutil.which("qemu-storage-daemon") is None:
-        print("virtio bench guest: qemu-storage-daemon is not installed", file=sys.stderr)
-        return 1
     try:
         assets = prepare()
     except AssetError as err:
         print(f"virtio bench guest: {err}", file=sys.stderr)
         return 1
-    with ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pyvirtio-bench-")))
-        image = work / "disk.img"
-        with open(image, "wb") as f:
-            f.truncate(256 << 20)
-        ours_sock, qsd_sock = work / "ours.sock", work / "qsd.sock"
-        ours_log = stack.enter_context(open(work / "ours.log", "wb"))
-        qsd_log = stack.enter_context(open(work / "qsd.log", "wb"))
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "virtio.cli",
-                    "serve",
-                    "blk",
-                    "--socket",
-                    str(ours_sock),
-                    # Split rings, as qemu-storage-daemon has no packed ones: like for like.
-                    "--no-packed",
-                    str(image),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=ours_log,
-                start_new_session=True,
-            ),
-            subprocess.Popen(
-                [
-                    "qemu-storage-daemon",
-                    "--blockdev",
-                    f"driver=file,node-name=file0,filename={image}",
-                    "--blockdev",
-                    "driver=raw,node-name=disk0,file=file0",
-                    "--export",
-                    "type=vhost-user-blk,id=exp0,addr.type=unix,"
-                    f"addr.path={qsd_sock},node-name=disk0,writable=on,num-queues=1",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=qsd_log,
-                start_new_session=True,
-            ),
-        ]
-        try:
-            _wait_socket(ours_sock, procs[0], "virtio serve blk")
-            _wait_socket(qsd_sock, procs[1], "qemu-storage-daemon")
+    try:
+        with backends(packed=False) as peers:
             result = run_guest(
                 guest_script(args.runtime),
                 vm=args.vm,
-                disks=[VhostUserBlkDisk(str(ours_sock)), VhostUserBlkDisk(str(qsd_sock))],
+                disks=[
+                    VhostUserBlkDisk(str(peers.pyvirtio_socket)),
+                    VhostUserBlkDisk(str(peers.qsd_socket)),
+                ],
                 timeout=120 + 2 * len(JOBS) * (args.runtime + 5),
                 host_share=True,
                 assets=assets,
             )
-        finally:
-            for proc in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=10)
+    except RuntimeError as err:
+        print(f"virtio bench guest: {err}", file=sys.stderr)
+        return 1
     if result.exit_code != 0:
         print(result.output[-3000:], file=sys.stderr)
         return 1
