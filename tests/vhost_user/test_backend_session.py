@@ -347,3 +347,24 @@ def test_dirty_page_logging(session: tuple[BackendSession, FakeHost]) -> None:
     assert page_bit(0xA000 // 4096) == 1  # the status byte
     assert page_bit(layout.device // 4096) == 1  # the used ring
     assert page_bit(0x9000 // 4096) == 0  # read-only to the device: not dirty
+
+
+def test_polling_ring_without_a_kick_fd(session: tuple[BackendSession, FakeHost]) -> None:
+    """VRING_NOFD on SET_VRING_KICK: no eventfd, the adapter polls the ring instead."""
+    from virtio.vhost_user.wire import VRING_NOFD
+
+    s, host = session
+    handshake(s)
+    (reply,) = s.handle(Message(Request.GET_MAX_MEM_SLOTS))
+    assert reply.u64() >= 8
+    layout = RingLayout.contiguous(0x1000, 8)
+    s.handle(state_message(Request.SET_VRING_NUM, 0, 8))
+    addr = VRING_ADDR.struct.pack(
+        0, 0, USER + layout.desc, USER + layout.device, USER + layout.driver, 0
+    )
+    s.handle(Message(Request.SET_VRING_ADDR, addr))
+    s.handle(u64_message(Request.SET_VRING_KICK, VRING_NOFD))
+    s.handle(u64_message(Request.SET_VRING_CALL, VRING_NOFD))
+    assert host.kicks == {0: None}  # asked to poll
+    with pytest.raises(VhostUserError, match="unexpected fds"):
+        s.handle(Message(Request.SET_VRING_KICK, VRING_NOFD.to_bytes(8, "little"), fds=[fd()]))
