@@ -340,13 +340,9 @@ def loopback_transport(image: str, num_queues: int, queue_size: int) -> Iterator
 @contextmanager
 def vhost_user_transport(path: str, num_queues: int) -> Iterator[DriverTransport]:
     """A vhost-user front-end connected to the back-end at ``path``."""
-    import importlib
+    from virtio.vhost_user.frontend import connect_blk
 
-    try:
-        frontend = importlib.import_module("virtio.vhost_user.frontend")
-    except ImportError:
-        raise VirtioError("this build has no vhost-user front-end") from None
-    with frontend.connect_blk(path, num_queues=num_queues) as transport:
+    with connect_blk(path, num_queues=num_queues) as transport:
         yield transport
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from virtio.errors import RingError, SpecViolation
-from virtio.memory import Memory, Translate, TranslatedMemory
+from virtio.memory import GuestMemory, Memory, Translate, TranslatedMemory
 from virtio.queue import Chain, DeviceQueue, RingLayout, device_queue
 from virtio.queue.common import MAX_QUEUE_SIZE
 from virtio.spec import features as F
@@ -269,8 +269,6 @@ class VirtioDevice:
             base = self.memory
             if isinstance(base, TranslatedMemory):
                 base = base.memory
-            from virtio.memory import GuestMemory
-
             if isinstance(base, GuestMemory):
                 self.memory = TranslatedMemory(base, self.iommu)
 

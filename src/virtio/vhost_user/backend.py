@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -193,7 +192,6 @@ class BackendSession(DeviceHooks):
         device.reset()
         device.hooks = self
         device.attach_memory(self.memory)
-        self.on_resubmit: Callable[[int, int], None] | None = None
 
     # -- what the front-end sees as features -----------------------------------
 

@@ -105,7 +105,6 @@ class VhostUserFrontend:
             self.sock.close()
             os.close(self.memfd)
             raise VhostUserError(f"cannot connect to {path}: {err}") from err
-        self.decoder = Decoder()
         self.poller = select.epoll()
         self.status = 0
         self.driver_features = 0
