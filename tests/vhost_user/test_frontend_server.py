@@ -90,3 +90,31 @@ def test_connecting_to_nothing_is_a_clear_error(tmp_path: Path) -> None:
         connect_blk(str(tmp_path / "missing.sock")),
     ):
         pass
+
+
+def test_a_hostile_front_end_is_dropped_and_the_next_one_served(socket_path: Path) -> None:
+    import socket as sockets
+
+    from virtio.vhost_user.wire import HEADER, Message, Request, encode
+
+    bad_messages = [
+        HEADER.struct.pack(Request.GET_FEATURES, 0x2, 0),  # wrong protocol version
+        HEADER.struct.pack(Request.SET_FEATURES, 0x1, 1 << 20),  # absurd payload size
+        encode(Message(Request.SET_VRING_NUM, b"\0" * 3)),  # wrong payload size
+        encode(Message(777)),  # unknown request
+        b"\x01\x00",  # a truncated header, then silence
+    ]
+    for data in bad_messages:
+        with sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM) as raw:
+            raw.settimeout(10)
+            raw.connect(str(socket_path))
+            raw.sendall(data)
+            if len(data) < HEADER.size:
+                raw.shutdown(sockets.SHUT_WR)
+            assert raw.recv(64) == b""  # the back-end closed this connection
+    with connect_blk(str(socket_path)) as frontend:
+        driver = BlkDriver(frontend)
+        driver.initialize()
+        driver.write(0, b"\x11" * 512)
+        assert driver.read(0, 512) == b"\x11" * 512
+        driver.reset()
