@@ -214,9 +214,10 @@ umount /tmp/mnt
     assert b"pyvirtio-file-marker" in server.image.read_bytes()
 
 
-@pytest.mark.normative(N_BLK_DEV_OP, N_SPLIT_USED)
+@pytest.mark.normative(N_BLK_DEV_OP, N_SPLIT_USED, N_PACKED_DEV)
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_backend_killed_and_restarted_loses_no_acknowledged_write(
-    guest_assets: GuestAssets, blk_server: Callable[..., BlkServer]
+    guest_assets: GuestAssets, blk_server: Callable[..., BlkServer], packed: bool
 ) -> None:
     """SIGKILL the back-end mid-writes; QEMU reconnects to its successor; nothing is lost."""
     server = blk_server()
@@ -243,7 +244,7 @@ echo all-blocks-verified
             run_guest(
                 script,
                 vm="qemu",
-                disks=[VhostUserBlkDisk(str(server.socket), reconnect=True)],
+                disks=[VhostUserBlkDisk(str(server.socket), reconnect=True, packed=packed)],
                 timeout=150,
                 assets=guest_assets,
             )

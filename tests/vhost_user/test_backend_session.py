@@ -267,7 +267,7 @@ def test_inflight_fd_round_trip(session: tuple[BackendSession, FakeHost]) -> Non
     s.handle(Message(Request.SET_INFLIGHT_FD, reply.payload, fds=[fd()]))
     start_ring(s)
     assert s.device.queues[0].ring is not None
-    assert s.device.queues[0].ring.tracker is not None  # type: ignore[union-attr]
+    assert s.device.queues[0].ring.tracker is not None
 
 
 def test_status_and_reset_device(session: tuple[BackendSession, FakeHost]) -> None:

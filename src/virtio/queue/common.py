@@ -240,6 +240,23 @@ class InflightTracker(Protocol):
         """The used idx now reads ``used_idx``."""
 
 
+# A packed ring descriptor as read: (addr, len, id, flags).
+PackedDesc = tuple[int, int, int, int]
+
+
+class PackedInflightTracker(Protocol):
+    """The packed-ring form of :class:`InflightTracker`: it keeps the descriptors."""
+
+    def popped(self, descs: list[PackedDesc]) -> None:
+        """One buffer was taken: its ring descriptors, in ring order."""
+
+    def completing(self, ids: list[int], next_used: int, used_wrap: int) -> None:
+        """These buffers are about to be returned; the used position will be this."""
+
+    def completed(self) -> None:
+        """The used descriptors are written."""
+
+
 def need_event(event: int, new: int, old: int) -> bool:
     """True when moving an index from ``old`` to ``new`` crosses ``event``.
 

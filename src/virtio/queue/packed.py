@@ -29,6 +29,8 @@ from virtio.queue.common import (
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
     Chain,
+    PackedDesc,
+    PackedInflightTracker,
     RingLayout,
     check_queue_size,
     encode_notification,
@@ -111,6 +113,8 @@ class PackedDeviceQueue:
         self.reset()
 
     def reset(self) -> None:
+        #: Records in-flight buffers outside the process (vhost-user inflight fd).
+        self.tracker: PackedInflightTracker | None = None
         self.next_avail = 0
         self.avail_wrap = 1
         self.next_used = 0
@@ -184,6 +188,8 @@ class PackedDeviceQueue:
                     chain = Chain(buf_id, (), views, 0, length, 1)
                 else:
                     chain = Chain(buf_id, views, (), length, 0, 1)
+                if self.tracker is not None:
+                    self.tracker.popped([(addr, length, buf_id, flags)])
                 pos += 1
                 if pos == size:
                     pos = 0
@@ -207,9 +213,11 @@ class PackedDeviceQueue:
         read_len = write_len = 0
         slots = 0
         start = pos
+        record: list[PackedDesc] = []
         while True:
             flags = ring.desc16[(pos << 3) + 7]
             addr, length, buf_id, _flags = _DESC.unpack_from(desc, pos << 4)
+            record.append((addr, length, buf_id, flags))
             if slots and not self._is_avail(flags, wrap):
                 raise RingError(
                     f"chain at {start}: descriptor {pos} is not available yet", N_PACKED_SG
@@ -254,12 +262,39 @@ class PackedDeviceQueue:
                     read_len, write_len = self._add_segment(
                         memory, t_addr, t_len, t_flags, readable, writable, read_len, write_len
                     )
+                if self.tracker is not None:
+                    self.tracker.popped(record)
                 return Chain(buf_id, readable, writable, read_len, write_len, 1), pos, wrap
             read_len, write_len = self._add_segment(
                 memory, addr, length, flags, readable, writable, read_len, write_len
             )
             if not flags & DESC_F_NEXT:
+                if self.tracker is not None:
+                    self.tracker.popped(record)
                 return Chain(buf_id, readable, writable, read_len, write_len, slots), pos, wrap
+
+    def chain_from(self, descs: list[PackedDesc]) -> Chain:
+        """Rebuild a buffer from its recorded ring descriptors (resubmission)."""
+        memory = self.ring.memory
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        read_len = write_len = 0
+        addr, length, buf_id, flags = descs[0]
+        if flags & DESC_F_INDIRECT:
+            try:
+                table = memory.view(addr, length)
+            except GuestMemoryError as err:
+                raise RingError(f"indirect table: {err.message}", N_PACKED_INDIRECT) from err
+            entries = [_DESC.unpack_from(table, i << 4) for i in range(length // 16)]
+            segments = [(a, n, f) for a, n, _i, f in entries]
+        else:
+            segments = [(a, n, f) for a, n, _i, f in descs]
+            buf_id = descs[-1][2]
+        for a, n, f in segments:
+            read_len, write_len = self._add_segment(
+                memory, a, n, f, readable, writable, read_len, write_len
+            )
+        return Chain(buf_id, readable, writable, read_len, write_len, len(descs))
 
     @staticmethod
     def _add_segment(
@@ -308,6 +343,11 @@ class PackedDeviceQueue:
             batches: Sequence[tuple[Chain, int, int]] = ((last, written, slots),)
         else:
             batches = [(chain, written, chain.slots) for chain, written in items]
+        tracker = self.tracker
+        if tracker is not None:
+            total = sum(slots for _, _, slots in batches)
+            laps, after = divmod(pos + total, size)
+            tracker.completing([c.head for c, _ in items], after, wrap ^ (laps & 1))
         used_bits = _BOTH if wrap else 0
         for chain, written, slots in batches:
             # id and len land before the flags that hand the descriptor back; each is
@@ -324,6 +364,8 @@ class PackedDeviceQueue:
             self._inflight -= slots
         self.next_used = pos
         self.used_wrap = wrap
+        if tracker is not None:
+            tracker.completed()
 
     def needs_notify(self) -> bool:
         new = self._used_count

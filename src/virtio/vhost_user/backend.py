@@ -31,7 +31,7 @@ from virtio.queue import Chain, PackedDeviceQueue, SplitDeviceQueue
 from virtio.queue.common import MAX_QUEUE_SIZE
 from virtio.spec import features as F
 from virtio.spec.status import DeviceStatus as S
-from virtio.vhost_user.inflight import InflightSplit, queue_region_size
+from virtio.vhost_user.inflight import InflightPacked, InflightSplit, packed_region_size
 from virtio.vhost_user.wire import (
     CONFIG_HEADER,
     F_LOG_ALL,
@@ -60,6 +60,11 @@ from virtio.vhost_user.wire import (
 )
 
 log = logging.getLogger("virtio.vhost_user.backend")
+
+
+def inflight_region_size(queue_size: int) -> int:
+    """Bytes of one queue's inflight record: room for a split or a packed record."""
+    return packed_region_size(queue_size)
 
 
 def _address_of(view: memoryview) -> int:
@@ -617,7 +622,7 @@ class BackendSession(DeviceHooks):
             if vring.base == 0:
                 avail = used = 1 << 15
             q.set_base(avail & 0x7FFF, avail >> 15, used & 0x7FFF, used >> 15)
-            resubmit = []
+            resubmit = self._attach_inflight(vring, q)
         vring.started = True
         if resubmit:
             log.info(
@@ -627,12 +632,16 @@ class BackendSession(DeviceHooks):
             if q.needs_notify():
                 self.notify_used(vring.index)
 
-    def _attach_inflight(self, vring: Vring, q: SplitDeviceQueue) -> list[Chain]:
+    def _attach_inflight(
+        self, vring: Vring, q: SplitDeviceQueue | PackedDeviceQueue
+    ) -> list[Chain]:
         if self.inflight is None or not self.inflight_queue_size:
             return []
-        if vring.num > self.inflight_queue_size or vring.index * queue_region_size(
-            self.inflight_queue_size
-        ) + queue_region_size(self.inflight_queue_size) > len(memoryview(self.inflight)):
+        # One record per queue, sized for either ring kind (the packed one is larger).
+        region = inflight_region_size(self.inflight_queue_size)
+        if vring.num > self.inflight_queue_size or (vring.index + 1) * region > len(
+            memoryview(self.inflight)
+        ):
             # The front-end sized the record for smaller rings than it then set up
             # (QEMU does so on virtio-mmio): serve the ring without the record.
             log.warning(
@@ -642,9 +651,10 @@ class BackendSession(DeviceHooks):
                 self.inflight_queue_size,
             )
             return []
-        region = queue_region_size(self.inflight_queue_size)
         view = memoryview(self.inflight)[vring.index * region : (vring.index + 1) * region]
-        return InflightSplit(view, vring.num).resume(q)
+        if isinstance(q, SplitDeviceQueue):
+            return InflightSplit(view, vring.num).resume(q)
+        return InflightPacked(view, vring.num).resume(q)
 
     def _stop(self, vring: Vring) -> None:
         if not vring.started:
@@ -793,7 +803,7 @@ class BackendSession(DeviceHooks):
         _size, _off, num_queues, queue_size, _pad = INFLIGHT.struct.unpack(msg.payload)
         if not 1 <= num_queues <= self.num_queues or not 1 <= queue_size <= 32768:
             raise VhostUserError(f"GET_INFLIGHT_FD: {num_queues} queues of {queue_size}")
-        size = num_queues * queue_region_size(queue_size)
+        size = num_queues * inflight_region_size(queue_size)
         fd, buffer = self.host.create_shared(size)
         self._set_inflight(fd, buffer, queue_size)
         return reply_to(msg, INFLIGHT.struct.pack(size, 0, num_queues, queue_size, bytes(4)), [fd])
@@ -806,7 +816,7 @@ class BackendSession(DeviceHooks):
         if (
             not 1 <= num_queues <= self.num_queues
             or not 1 <= queue_size <= 32768
-            or size < num_queues * queue_region_size(queue_size)
+            or size < num_queues * inflight_region_size(queue_size)
         ):
             self.host.close(fd)
             raise VhostUserError(f"SET_INFLIGHT_FD: {size} bytes for {num_queues}x{queue_size}")

@@ -13,8 +13,8 @@ counter).
 
 from __future__ import annotations
 
-from virtio.layout import Bytes, Layout, u8, u16, u64
-from virtio.queue import Chain, SplitDeviceQueue
+from virtio.layout import Bytes, Layout, u8, u16, u32, u64
+from virtio.queue import Chain, PackedDeviceQueue, SplitDeviceQueue
 
 INFLIGHT_SPLIT_HEADER = Layout(
     "QueueRegionSplit",
@@ -138,4 +138,213 @@ class InflightSplit:
         chains = []
         for head in heads:
             chains.append(queue.chain_at(head))
+        return chains
+
+
+# -- packed rings ---------------------------------------------------------------------
+#
+# The record keeps a copy of every descriptor taken (the ring itself is
+# overwritten by used descriptors), threaded on a free list, and a
+# committed ("old_") copy of the list head and used position so that a crash
+# in the middle of returning a batch can be rolled back or forward.
+
+INFLIGHT_PACKED_HEADER = Layout(
+    "QueueRegionPacked",
+    [
+        ("features", u64),
+        ("version", u16),
+        ("desc_num", u16),
+        ("free_head", u16),
+        ("old_free_head", u16),
+        ("used_idx", u16),
+        ("old_used_idx", u16),
+        ("used_wrap_counter", u8),
+        ("old_used_wrap_counter", u8),
+        ("padding", Bytes(10)),  # to 32 bytes: the entries hold u64s
+    ],
+)
+DESC_STATE_PACKED = Layout(
+    "DescStatePacked",
+    [
+        ("inflight", u8),
+        ("padding", u8),
+        ("next", u16),
+        ("last", u16),
+        ("num", u16),
+        ("counter", u64),
+        ("id", u16),
+        ("flags", u16),
+        ("len", u32),
+        ("addr", u64),
+    ],
+)
+_PH = INFLIGHT_PACKED_HEADER.struct
+_PE = DESC_STATE_PACKED.struct
+
+
+def packed_region_size(queue_size: int) -> int:
+    raw = INFLIGHT_PACKED_HEADER.size + DESC_STATE_PACKED.size * queue_size
+    return (raw + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+class InflightPacked:
+    """The inflight record of one packed queue (the vhost-user document's algorithm)."""
+
+    def __init__(self, view: memoryview, queue_size: int) -> None:
+        if view.nbytes < packed_region_size(queue_size):
+            raise ValueError("inflight region too small for the queue")
+        self.view = view
+        self.size = queue_size
+        self.counter = 0
+        self.heads: dict[int, int] = {}  # buffer id -> entry holding its first descriptor
+        self._batch: list[int] = []
+
+    # header fields ------------------------------------------------------------------------
+
+    def _h(self) -> list[int]:
+        return [int(v) for v in _PH.unpack_from(self.view, 0)[:9]]
+
+    def _set_h(self, **fields: int) -> None:
+        values = dict(
+            zip(
+                (
+                    "features",
+                    "version",
+                    "desc_num",
+                    "free_head",
+                    "old_free_head",
+                    "used_idx",
+                    "old_used_idx",
+                    "used_wrap_counter",
+                    "old_used_wrap_counter",
+                ),
+                self._h(),
+                strict=True,
+            )
+        )
+        values.update(fields)
+        _PH.pack_into(self.view, 0, *values.values(), bytes(10))
+
+    def _e(self, index: int) -> list[int]:
+        return [int(v) for v in _PE.unpack_from(self.view, self._off(index))]
+
+    def _set_e(self, index: int, **fields: int) -> None:
+        names = (
+            "inflight",
+            "padding",
+            "next",
+            "last",
+            "num",
+            "counter",
+            "id",
+            "flags",
+            "len",
+            "addr",
+        )
+        values = dict(zip(names, self._e(index), strict=True))
+        values.update(fields)
+        _PE.pack_into(self.view, self._off(index), *values.values())
+
+    def _off(self, index: int) -> int:
+        return INFLIGHT_PACKED_HEADER.size + DESC_STATE_PACKED.size * index
+
+    @property
+    def initialized(self) -> bool:
+        return self._h()[1] != 0
+
+    def reset(self) -> None:
+        self.view[: packed_region_size(self.size)] = bytes(packed_region_size(self.size))
+        for i in range(self.size):
+            self._set_e(i, next=(i + 1) % self.size)
+        self._set_h(version=1, desc_num=self.size, used_wrap_counter=1, old_used_wrap_counter=1)
+        self.counter = 0
+        self.heads = {}
+
+    # PackedInflightTracker ------------------------------------------------------------------
+
+    def popped(self, descs: list[tuple[int, int, int, int]]) -> None:
+        h = self._h()
+        free_head, head = h[3], h[4]
+        for k, (addr, length, buf_id, flags) in enumerate(descs):
+            if k == 0:
+                self._set_e(head, num=0, counter=self.counter)
+                self.counter += 1
+            if k == len(descs) - 1:
+                self._set_e(head, last=free_head)
+            self._set_e(head, num=self._e(head)[4] + 1)
+            self._set_e(free_head, addr=addr, len=length, flags=flags, id=buf_id)
+            free_head = self._e(free_head)[2]
+        self._set_e(head, inflight=1)
+        self.heads[descs[-1][2]] = head
+        self._set_h(free_head=free_head, old_free_head=free_head)
+
+    def completing(self, ids: list[int], next_used: int, used_wrap: int) -> None:
+        free_head = self._h()[3]
+        batch = []
+        for buf_id in ids:
+            entry = self.heads.pop(buf_id)
+            self._set_e(self._e(entry)[3], next=free_head)
+            free_head = entry
+            batch.append(entry)
+        self._batch = batch
+        self._set_h(free_head=free_head, used_idx=next_used, used_wrap_counter=used_wrap)
+
+    def completed(self) -> None:
+        for entry in self._batch:
+            self._set_e(entry, inflight=0)
+        self._batch = []
+        h = self._h()
+        self._set_h(old_free_head=h[3], old_used_idx=h[5], old_used_wrap_counter=h[7])
+
+    # after a restart ---------------------------------------------------------------------------
+
+    def resume(self, queue: PackedDeviceQueue) -> list[Chain]:
+        """Attach to ``queue`` and return the buffers to serve again, oldest first."""
+        if not self.initialized:
+            self.reset()
+            queue.tracker = self
+            return []
+        h = self._h()
+        if h[5] != h[6]:
+            # A batch was being returned: did its used descriptor reach the ring?
+            flags = int(queue.ring.desc16[(h[6] << 3) + 7])
+            avail_pattern = 1 << 7 if h[8] else 1 << 15
+            if flags & (1 << 7 | 1 << 15) != avail_pattern:
+                # It did: finish the batch. Its head entries were linked in front of
+                # the old free head; they are done.
+                entry, steps = h[3], 0
+                while entry != h[4] and steps < self.size:
+                    self._set_e(entry, inflight=0)
+                    entry = self._e(self._e(entry)[3])[2]
+                    steps += 1
+                self._set_h(old_free_head=h[3], old_used_idx=h[5], old_used_wrap_counter=h[7])
+        # Roll back anything not committed: the batch is served again.
+        h = self._h()
+        self._set_h(free_head=h[4], used_idx=h[6], used_wrap_counter=h[8])
+        h = self._h()
+        live = []
+        for i in range(self.size):
+            e = self._e(i)
+            if e[0]:
+                live.append((e[5], i))
+        live.sort()
+        self.counter = live[-1][0] + 1 if live else 0
+        chains: list[Chain] = []
+        slots = 0
+        for _counter, head in live:
+            descs = []
+            entry = head
+            for _ in range(self._e(head)[4]):
+                e = self._e(entry)
+                descs.append((e[9], e[8], e[6], e[7]))
+                entry = e[2]
+            chain = queue.chain_from(descs)
+            self.heads[chain.head] = head
+            chains.append(chain)
+            slots += len(descs)
+        used_pos, used_wrap = h[6], h[8]
+        laps, avail_pos = divmod(used_pos + slots, self.size)
+        queue.set_base(avail_pos, used_wrap ^ (laps & 1), used_pos, used_wrap)
+        queue._inflight = slots
+        queue.tracker = self
         return chains
