@@ -42,5 +42,15 @@ class NegotiationError(SpecViolation):
     """Feature negotiation or the status sequence went wrong."""
 
 
+class DeviceModelError(VirtioError):
+    """A device model asked its ring for something the spec forbids the device.
+
+    This is a bug in our own device type (pushing a buffer twice, out of order
+    with VIRTIO_F_IN_ORDER, or claiming more bytes written than the buffer
+    holds), never the driver's fault: it is raised to the caller and nothing
+    reaches the ring.
+    """
+
+
 class DeviceNeedsReset(VirtioError):
     """The device has set DEVICE_NEEDS_RESET; it serves nothing until reset."""

@@ -6,6 +6,12 @@ Fields follow the spec's types: ``u8``..``u64`` (native byte order of the
 guest, which pyvirtio takes to be little-endian), ``le16``..``le64``,
 ``be16``..``be64`` and byte arrays. There is never padding between fields.
 
+Structures that a legacy interface uses in the guest's native byte order
+(rings, configuration spaces, device headers) are declared once, as the
+modern spec writes them, and :meth:`Layout.with_order` gives the same
+structure compiled for the other byte order (cached: one precompiled
+``struct.Struct`` per order).
+
 Bit-fields subdivide an integer field and are listed from the least
 significant bit up, exactly as the spec lists them::
 
@@ -97,6 +103,20 @@ class Bits:
 FieldType = Scalar | Bytes | Bits
 
 
+def _scalar_of(ftype: FieldType) -> Scalar | Bytes:
+    return ftype.base if isinstance(ftype, Bits) else ftype
+
+
+def _reorder(ftype: FieldType, order: ByteOrder) -> FieldType:
+    if isinstance(ftype, Bits):
+        base = _reorder(ftype.base, order)
+        assert isinstance(base, Scalar)
+        return Bits(base, ftype.parts)
+    if isinstance(ftype, Scalar) and ftype.size > 1 and ftype.order != order:
+        return Scalar(ftype.name, ftype.size, order, ftype.code)
+    return ftype
+
+
 def _swap(value: int, size: int) -> int:
     return int.from_bytes(value.to_bytes(size, "little"), "big")
 
@@ -148,9 +168,30 @@ class Layout:
         self.struct = struct.Struct(prefix + "".join(codes))
         self.size = self.struct.size
         assert self.size == offset
+        self._by_order: dict[ByteOrder, Layout] = {}
 
     def __repr__(self) -> str:
         return f"Layout({self.name!r}, size={self.size})"
+
+    def with_order(self, order: ByteOrder) -> Layout:
+        """The same structure with every multi-byte integer field in ``order``.
+
+        A legacy interface uses the guest's native byte order where the modern
+        interface is little-endian; this is that structure, compiled once.
+        """
+        if all(
+            not isinstance(s := _scalar_of(t), Scalar) or s.size == 1 or s.order == order
+            for _, t in self.fields
+        ):
+            return self
+        cached = self._by_order.get(order)
+        if cached is None:
+            cached = Layout(
+                f"{self.name} ({order}-endian)",
+                [(name, _reorder(ftype, order)) for name, ftype in self.fields],
+            )
+            self._by_order[order] = cached
+        return cached
 
     # -- raw access: one integer (or bytes) per top-level field ----------------
 

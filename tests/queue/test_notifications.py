@@ -105,7 +105,8 @@ def test_split_kicks_with_flags_and_event_idx() -> None:
     assert pair.driver.kick_needed()
 
 
-@pytest.mark.normative(N_USED_SUPP_DEV)
+# Untagged: packed event suppression has no normative block of its own (its only
+# one asks the driver for a memory barrier, which tests/queue/test_cross_process.py checks).
 @pytest.mark.parametrize("event_idx", [False, True])
 def test_packed_event_suppression(event_idx: bool) -> None:
     pair = make_pair(4, packed=True, event_idx=event_idx)

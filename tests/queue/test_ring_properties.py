@@ -43,8 +43,9 @@ def start_split_at(pair: Pair, base: int) -> None:
     """Put both ends of a fresh split ring at index ``base`` (as after SET_VRING_BASE)."""
     driver, device = pair.driver, pair.device
     assert isinstance(driver, SplitDriverQueue) and isinstance(device, SplitDeviceQueue)
-    LE16.struct.pack_into(driver.ring.avail, 2, base)
-    LE16.struct.pack_into(driver.ring.used, 2, base)
+    u16 = LE16.with_order(pair.order).struct
+    u16.pack_into(driver.ring.avail, 2, base)
+    u16.pack_into(driver.ring.used, 2, base)
     driver.avail_idx = driver.last_used = driver._kicked = base
     device.set_base(base)
 
@@ -187,8 +188,23 @@ features = st.fixed_dictionaries(
 )
 
 
-@pytest.mark.normative(*SPLIT_IDS)
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Byte order and layout of the ring: modern little-endian, the same ring in big-endian
+# (a legacy interface on a big-endian guest), and the legacy layout (one page-aligned
+# block, used ring on the next 4096-byte boundary) in both byte orders.
+LAYOUTS = {
+    "little-endian": ("little", False),
+    "big-endian": ("big", False),
+    "legacy-little": ("little", True),
+    "legacy-big": ("big", True),
+}
+LEGACY_IDS = [
+    "drivernormative:Basic Facilities of a Virtio Device / Virtqueues",
+]
+
+
+@pytest.mark.normative(*SPLIT_IDS, *LEGACY_IDS)
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
     size_log2=st.integers(0, 4),
@@ -196,24 +212,38 @@ features = st.fixed_dictionaries(
     base=st.one_of(st.just(0), st.integers(0xFFF0, 0xFFFF), st.integers(0, 0xFFFF)),
 )
 def test_split_ring_random_interleavings(
-    data: st.DataObject, size_log2: int, feats: dict[str, bool], base: int
+    layout: str, data: st.DataObject, size_log2: int, feats: dict[str, bool], base: int
 ) -> None:
-    pair = make_pair(1 << size_log2, **feats)
+    order, legacy = LAYOUTS[layout]
+    pair = make_pair(1 << size_log2, order=order, legacy=legacy, **feats)  # type: ignore[arg-type]
+    if legacy:
+        # The used ring starts on a Queue Align boundary after the available ring.
+        assert pair.layout.device % 4096 == 0
+        assert pair.layout.driver == pair.layout.desc + 16 * pair.layout.size
     start_split_at(pair, base)
     run_model(data, pair, feats["in_order"], steps=data.draw(st.integers(10, 120)))
 
 
 @pytest.mark.normative(*PACKED_IDS)
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("order", ["little", "big"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), size=st.integers(1, 12), feats=features)
 def test_packed_ring_random_interleavings(
-    data: st.DataObject, size: int, feats: dict[str, bool]
+    order: str, data: st.DataObject, size: int, feats: dict[str, bool]
 ) -> None:
-    pair = make_pair(size, packed=True, **feats)
+    pair = make_pair(size, packed=True, order=order, **feats)  # type: ignore[arg-type]
     run_model(data, pair, feats["in_order"], steps=data.draw(st.integers(10, 120)))
 
 
-@pytest.mark.normative(*SPLIT_IDS)
+WRAP_IDS = [
+    # The device writes data and len before the used idx, across every wrap.
+    "devicenormative:Basic Facilities of a Virtio Device / Virtqueues / The Virtqueue Used Ring",
+    # The device processes packed descriptors in ring order, lap after lap.
+    "devicenormative:Basic Facilities of a Virtio Device / Packed Virtqueues",
+]
+
+
+@pytest.mark.normative(*WRAP_IDS)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("in_order", [False, True])
 def test_many_wraparounds(packed: bool, in_order: bool) -> None:

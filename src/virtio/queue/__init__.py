@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from virtio.layout import ByteOrder
 from virtio.memory import Allocator, Memory
 from virtio.queue.common import Chain, RingLayout, decode_notification, encode_notification
+from virtio.queue.cursor import ChainReader, ChainWriter, ShortChain
 from virtio.queue.packed import PackedDeviceQueue, PackedDriverQueue, PackedRing
 from virtio.queue.split import SplitDeviceQueue, SplitDriverQueue, SplitRing
 
@@ -18,14 +20,18 @@ def device_queue(
     indirect: bool = False,
     event_idx: bool = False,
     in_order: bool = False,
+    order: ByteOrder = "little",
 ) -> DeviceQueue:
-    """The device's end of the ring described by ``layout``."""
+    """The device's end of the ring described by ``layout``, in byte order ``order``."""
     if layout.packed:
         return PackedDeviceQueue(
-            PackedRing(memory, layout), indirect=indirect, event_idx=event_idx, in_order=in_order
+            PackedRing(memory, layout, order),
+            indirect=indirect,
+            event_idx=event_idx,
+            in_order=in_order,
         )
     return SplitDeviceQueue(
-        SplitRing(memory, layout), indirect=indirect, event_idx=event_idx, in_order=in_order
+        SplitRing(memory, layout, order), indirect=indirect, event_idx=event_idx, in_order=in_order
     )
 
 
@@ -38,11 +44,12 @@ def driver_queue(
     in_order: bool = False,
     allocator: Allocator | None = None,
     vq_index: int = 0,
+    order: ByteOrder = "little",
 ) -> DriverQueue:
     """The driver's end of the ring described by ``layout`` (clears the ring)."""
     if layout.packed:
         return PackedDriverQueue(
-            PackedRing(memory, layout),
+            PackedRing(memory, layout, order),
             indirect=indirect,
             event_idx=event_idx,
             in_order=in_order,
@@ -50,7 +57,7 @@ def driver_queue(
             vq_index=vq_index,
         )
     return SplitDriverQueue(
-        SplitRing(memory, layout),
+        SplitRing(memory, layout, order),
         indirect=indirect,
         event_idx=event_idx,
         in_order=in_order,
@@ -61,12 +68,15 @@ def driver_queue(
 
 __all__ = [
     "Chain",
+    "ChainReader",
+    "ChainWriter",
     "DeviceQueue",
     "DriverQueue",
     "PackedDeviceQueue",
     "PackedDriverQueue",
     "PackedRing",
     "RingLayout",
+    "ShortChain",
     "SplitDeviceQueue",
     "SplitDriverQueue",
     "SplitRing",

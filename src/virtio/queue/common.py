@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from virtio.layout import Bits, Layout, le16, le32, le64
+from virtio.layout import Bits, ByteOrder, Layout, le16, le32, le64
 
 MAX_QUEUE_SIZE = 32768
+# The legacy interface's Queue Align (PCI fixes it at 4096; MMIO version 1 lets the driver choose).
+LEGACY_QUEUE_ALIGN = 4096
 
 # Descriptor flags (split and packed).
 DESC_F_NEXT = 1
@@ -73,57 +75,70 @@ N_PACKED_INDIRECT = (
     "The Virtqueue Descriptor Table / Indirect Descriptors"
 )
 N_PACKED_DEV = "devicenormative:Basic Facilities of a Virtio Device / Packed Virtqueues"
+N_IN_ORDER_DEV = "devicenormative:Reserved Feature Bits"
 
 
-class BigEndianHostU16:
-    """Little-endian u16 array access on a big-endian host (not atomic, but correct)."""
+class SwappedU16:
+    """u16 array access in the byte order opposite to the host's.
 
-    def __init__(self, view: memoryview) -> None:
-        self.view = view
-
-    def __getitem__(self, index: int) -> int:
-        return int.from_bytes(self.view[2 * index : 2 * index + 2], "little")
-
-    def __setitem__(self, index: int, value: int) -> None:
-        self.view[2 * index : 2 * index + 2] = value.to_bytes(2, "little")
-
-
-U16Array = memoryview | BigEndianHostU16
-
-
-class BigEndianHostU32:
-    """Little-endian u32 array access on a big-endian host."""
-
-    def __init__(self, view: memoryview) -> None:
-        self.view = view
-
-    def __getitem__(self, index: int) -> int:
-        return int.from_bytes(self.view[4 * index : 4 * index + 4], "little")
-
-    def __setitem__(self, index: int, value: int) -> None:
-        self.view[4 * index : 4 * index + 4] = value.to_bytes(4, "little")
-
-
-U32Array = memoryview | BigEndianHostU32
-
-
-def u32_array(view: memoryview) -> U32Array:
-    """Index a ring area as little-endian u32s (native on little-endian hosts)."""
-    if sys.byteorder == "little":
-        return view.cast("I")
-    return BigEndianHostU32(view)
-
-
-def u16_array(view: memoryview) -> U16Array:
-    """Index a ring area as little-endian u16s.
-
-    On a little-endian host this is a native cast: every element is read and
-    written with one 16-bit access, so a peer in another process never sees
-    half an index (struct's byte-at-a-time packing would let it).
+    Each element is still read and written with one 16-bit access (the value
+    is swapped in a register), so a peer in another process never sees half
+    an index, whatever the ring's byte order.
     """
-    if sys.byteorder == "little":
+
+    __slots__ = ("words",)
+
+    def __init__(self, view: memoryview) -> None:
+        self.words = view.cast("H")
+
+    def __getitem__(self, index: int) -> int:
+        x = self.words[index]
+        return (x >> 8) | (x & 0xFF) << 8
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self.words[index] = (value >> 8) | (value & 0xFF) << 8
+
+
+class SwappedU32:
+    """u32 array access in the byte order opposite to the host's, one access each."""
+
+    __slots__ = ("words",)
+
+    def __init__(self, view: memoryview) -> None:
+        self.words = view.cast("I")
+
+    def __getitem__(self, index: int) -> int:
+        return _swap32(self.words[index])
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self.words[index] = _swap32(value)
+
+
+def _swap32(x: int) -> int:
+    return (x >> 24) | (x >> 8) & 0xFF00 | (x & 0xFF00) << 8 | (x & 0xFF) << 24
+
+
+U16Array = memoryview | SwappedU16
+U32Array = memoryview | SwappedU32
+
+
+def u32_array(view: memoryview, order: ByteOrder = "little") -> U32Array:
+    """Index a ring area as u32s of the ring's byte order (a native cast when it is the host's)."""
+    if order == sys.byteorder:
+        return view.cast("I")
+    return SwappedU32(view)
+
+
+def u16_array(view: memoryview, order: ByteOrder = "little") -> U16Array:
+    """Index a ring area as u16s of the ring's byte order.
+
+    Every element is read and written with one 16-bit access, so a peer in
+    another process never sees half an index (struct's byte-at-a-time packing
+    would let it).
+    """
+    if order == sys.byteorder:
         return view.cast("H")
-    return BigEndianHostU16(view)
+    return SwappedU16(view)
 
 
 class Chain:
@@ -134,7 +149,7 @@ class Chain:
     descriptors it took (a packed ring needs it to advance the used position).
     """
 
-    __slots__ = ("head", "read_len", "readable", "slots", "writable", "write_len")
+    __slots__ = ("head", "live", "read_len", "readable", "slots", "writable", "write_len")
 
     def __init__(
         self,
@@ -151,6 +166,8 @@ class Chain:
         self.read_len = read_len
         self.write_len = write_len
         self.slots = slots
+        #: Popped and not yet pushed back: a ring end takes each chain back once.
+        self.live = True
 
     def __repr__(self) -> str:
         return (
@@ -225,6 +242,16 @@ class Chain:
             if pos >= end:
                 break
         return out
+
+
+def refusal(chain: Chain, written: int) -> str:
+    """Why a device model may not push ``chain`` back with ``written`` bytes."""
+    if not chain.live:
+        return f"buffer {chain.head} pushed back but it is not in flight (pushed twice?)"
+    return (
+        f"buffer {chain.head}: {written} bytes written, but it has {chain.write_len} "
+        f"device-writable bytes [{N_USED_RING_DEV}]"
+    )
 
 
 class InflightTracker(Protocol):
@@ -309,6 +336,33 @@ class RingLayout:
 
     def total_bytes(self) -> int:
         return sum(self.part_sizes(self.size, self.packed)) + 16 * 3
+
+    @classmethod
+    def legacy(cls, base: int, size: int, align: int = LEGACY_QUEUE_ALIGN) -> RingLayout:
+        """The legacy interface's split ring: one contiguous block from ``base``.
+
+        The descriptor table, then the available ring, then the used ring at
+        the next multiple of ``align`` (the transport's Queue Align), as
+        "Legacy Interfaces: A Note on Virtqueue Layout" lays it out. The driver
+        tells the device only ``base`` (as a page frame number) and the size.
+        """
+        if align <= 0 or align & (align - 1):
+            raise ValueError(f"queue align {align} is not a power of 2")
+        if base % align:
+            raise ValueError(f"legacy ring at {base:#x} is not {align}-byte aligned")
+        desc_len, avail_len, _used_len = cls.part_sizes(size, False)
+        used = _align_up(base + desc_len + avail_len, align)
+        return cls(size, base, base + desc_len, used, packed=False)
+
+    @classmethod
+    def legacy_bytes(cls, size: int, align: int = LEGACY_QUEUE_ALIGN) -> int:
+        """How many bytes a legacy split ring of ``size`` entries occupies."""
+        desc_len, avail_len, used_len = cls.part_sizes(size, False)
+        return _align_up(desc_len + avail_len, align) + _align_up(used_len, align)
+
+
+def _align_up(value: int, align: int) -> int:
+    return (value + align - 1) & ~(align - 1)
 
 
 def encode_notification(vqn: int, next_index: int, wrap: int | None = None) -> int:

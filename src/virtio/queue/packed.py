@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
-from virtio.errors import GuestMemoryError, RingError
+from virtio.errors import DeviceModelError, GuestMemoryError, RingError
+from virtio.layout import ByteOrder
 from virtio.memory import Allocator, Memory
 from virtio.queue.common import (
     DESC_F_AVAIL,
@@ -19,6 +20,7 @@ from virtio.queue.common import (
     DESC_F_USED,
     DESC_F_WRITE,
     MAX_QUEUE_SIZE,
+    N_IN_ORDER_DEV,
     N_MSG_FRAMING,
     N_PACKED_ALIGN,
     N_PACKED_DESC_DEV,
@@ -36,19 +38,25 @@ from virtio.queue.common import (
     encode_notification,
     fast_region,
     need_event,
+    refusal,
     u16_array,
     u32_array,
 )
+from virtio.queue.fence import full_fence
 
-_DESC = PVIRTQ_DESC.struct
 _MAX_CHAIN_BYTES = 1 << 32
 _BOTH = DESC_F_AVAIL | DESC_F_USED
 
 
 class PackedRing:
-    """The descriptor ring and the driver/device event suppression areas."""
+    """The descriptor ring and the driver/device event suppression areas.
 
-    def __init__(self, memory: Memory, layout: RingLayout) -> None:
+    Packed rings need VIRTIO_F_VERSION_1, so on the wire they are always
+    little-endian; ``order`` exists so one ring model serves every layout the
+    property tests exercise.
+    """
+
+    def __init__(self, memory: Memory, layout: RingLayout, order: ByteOrder = "little") -> None:
         if not layout.packed:
             raise ValueError("a split layout given to a packed ring")
         check_queue_size(layout.size, packed=True)
@@ -62,7 +70,9 @@ class PackedRing:
                 raise RingError(f"{part} at {addr:#x} is not {align}-byte aligned", N_PACKED_ALIGN)
         self.memory = memory
         self.layout = layout
+        self.order = order
         self.size = layout.size
+        self.desc_struct = PVIRTQ_DESC.with_order(order).struct
         try:
             self.desc = memory.view(layout.desc, 16 * layout.size)
             self.driver_event = memory.view(layout.driver, 4)
@@ -73,10 +83,10 @@ class PackedRing:
             ) from err
         # Flags and event words move as whole u16s (see u16_array): element 8*i+7
         # is descriptor i's flags; events are (off_wrap, flags).
-        self.desc16 = u16_array(self.desc)
-        self.desc32 = u32_array(self.desc)
-        self.driver_event16 = u16_array(self.driver_event)
-        self.device_event16 = u16_array(self.device_event)
+        self.desc16 = u16_array(self.desc, order)
+        self.desc32 = u32_array(self.desc, order)
+        self.driver_event16 = u16_array(self.driver_event, order)
+        self.device_event16 = u16_array(self.device_event, order)
 
 
 def _event_count(count: int, pos: int, wrap: int, off: int, event_wrap: int, size: int) -> int:
@@ -124,6 +134,8 @@ class PackedDeviceQueue:
         self._signalled = 0
         self._signalled_valid = False
         self._inflight = 0
+        # With VIRTIO_F_IN_ORDER, the chains in the order they were popped.
+        self._in_order_chains: deque[Chain] = deque()
 
     def set_base(self, next_avail: int, avail_wrap: int, next_used: int, used_wrap: int) -> None:
         """Resume at a saved position (vhost-user SET_VRING_BASE)."""
@@ -132,6 +144,7 @@ class PackedDeviceQueue:
         self.next_avail, self.avail_wrap = next_avail, avail_wrap & 1
         self.next_used, self.used_wrap = next_used, used_wrap & 1
         self._signalled_valid = False
+        self._in_order_chains.clear()
 
     def _is_avail(self, flags: int, wrap: int) -> bool:
         avail = 1 if flags & DESC_F_AVAIL else 0
@@ -152,7 +165,7 @@ class PackedDeviceQueue:
         size = self.size
         iovecs = ring.memory.iovecs
         r_gpa, r_size, r_view = fast_region(ring.memory)
-        unpack = _DESC.unpack_from
+        unpack = ring.desc_struct.unpack_from
         out: list[Chain] = []
         append = out.append
         pos = self.next_avail
@@ -201,11 +214,14 @@ class PackedDeviceQueue:
             # Commit progress per chain, so an error leaves earlier chains popped.
             self.next_avail = pos
             self.avail_wrap = wrap
+            if self.in_order:
+                self._in_order_chains.append(chain)
         return out
 
     def _walk(self, pos: int, wrap: int) -> tuple[Chain, int, int]:
         ring = self.ring
         desc = ring.desc
+        unpack = ring.desc_struct.unpack_from
         size = self.size
         memory = ring.memory
         readable: list[memoryview] = []
@@ -216,15 +232,13 @@ class PackedDeviceQueue:
         record: list[PackedDesc] = []
         while True:
             flags = ring.desc16[(pos << 3) + 7]
-            addr, length, buf_id, _flags = _DESC.unpack_from(desc, pos << 4)
+            addr, length, buf_id, _flags = unpack(desc, pos << 4)
             record.append((addr, length, buf_id, flags))
             if slots and not self._is_avail(flags, wrap):
                 raise RingError(
                     f"chain at {start}: descriptor {pos} is not available yet", N_PACKED_SG
                 )
             slots += 1
-            if slots > size:
-                raise RingError(f"chain at {start} is longer than the queue", N_PACKED_SG)
             pos += 1
             if pos == size:
                 pos = 0
@@ -253,7 +267,7 @@ class PackedDeviceQueue:
                 except GuestMemoryError as err:
                     raise RingError(f"indirect table: {err.message}", N_PACKED_INDIRECT) from err
                 for i in range(length // 16):
-                    t_addr, t_len, _t_id, t_flags = _DESC.unpack_from(table, i << 4)
+                    t_addr, t_len, _t_id, t_flags = unpack(table, i << 4)
                     if t_flags & ~DESC_F_WRITE:
                         raise RingError(
                             f"indirect entry {i} sets flags {t_flags:#x} (only WRITE allowed)",
@@ -272,6 +286,11 @@ class PackedDeviceQueue:
                 if self.tracker is not None:
                     self.tracker.popped(record)
                 return Chain(buf_id, readable, writable, read_len, write_len, slots), pos, wrap
+            if slots == size:
+                # The list would run into its own first descriptor.
+                raise RingError(
+                    f"chain at {start} is longer than the queue ({size} descriptors)", N_PACKED_SG
+                )
 
     def chain_from(self, descs: list[PackedDesc]) -> Chain:
         """Rebuild a buffer from its recorded ring descriptors (resubmission)."""
@@ -285,7 +304,8 @@ class PackedDeviceQueue:
                 table = memory.view(addr, length)
             except GuestMemoryError as err:
                 raise RingError(f"indirect table: {err.message}", N_PACKED_INDIRECT) from err
-            entries = [_DESC.unpack_from(table, i << 4) for i in range(length // 16)]
+            unpack = self.ring.desc_struct.unpack_from
+            entries = [unpack(table, i << 4) for i in range(length // 16)]
             segments = [(a, n, f) for a, n, _i, f in entries]
         else:
             segments = [(a, n, f) for a, n, _i, f in descs]
@@ -294,7 +314,10 @@ class PackedDeviceQueue:
             read_len, write_len = self._add_segment(
                 memory, a, n, f, readable, writable, read_len, write_len
             )
-        return Chain(buf_id, readable, writable, read_len, write_len, len(descs))
+        chain = Chain(buf_id, readable, writable, read_len, write_len, len(descs))
+        if self.in_order:
+            self._in_order_chains.append(chain)
+        return chain
 
     @staticmethod
     def _add_segment(
@@ -329,9 +352,14 @@ class PackedDeviceQueue:
         self.push_many(((chain, written),))
 
     def push_many(self, items: Sequence[tuple[Chain, int]]) -> None:
-        """Write used descriptors; in order, one descriptor covers the whole batch."""
+        """Write used descriptors; in order, one descriptor covers the whole batch.
+
+        A request the device must not make raises
+        :class:`~virtio.errors.DeviceModelError` before anything is written.
+        """
         if not items:
             return
+        self._check_push(items)
         desc16 = self.ring.desc16
         desc32 = self.ring.desc32
         size = self.size
@@ -362,12 +390,32 @@ class PackedDeviceQueue:
                 used_bits = _BOTH if wrap else 0
             self._used_count += slots
             self._inflight -= slots
+        for chain, _ in items:
+            chain.live = False
         self.next_used = pos
         self.used_wrap = wrap
         if tracker is not None:
             tracker.completed()
 
+    def _check_push(self, items: Sequence[tuple[Chain, int]]) -> None:
+        for chain, written in items:
+            if not chain.live or not 0 <= written <= chain.write_len:
+                raise DeviceModelError(refusal(chain, written))
+        if self.in_order:
+            expected = self._in_order_chains
+            if len(items) > len(expected) or any(
+                chain is not expected[i] for i, (chain, _) in enumerate(items)
+            ):
+                raise DeviceModelError(
+                    f"buffer {items[0][0].head} pushed out of order with VIRTIO_F_IN_ORDER "
+                    f"(next in order: {expected[0].head if expected else 'none'}) [{N_IN_ORDER_DEV}]"
+                )
+            for _ in items:
+                expected.popleft()
+
     def needs_notify(self) -> bool:
+        # The used flags must be visible before the driver's event structure is read.
+        full_fence()
         new = self._used_count
         old = self._signalled
         valid = self._signalled_valid
@@ -398,6 +446,8 @@ class PackedDeviceQueue:
             self.ring.device_event16[1] = RING_EVENT_FLAGS_DESC
         else:
             self.ring.device_event16[1] = RING_EVENT_FLAGS_ENABLE
+        # Re-check only after the re-arming store is visible (store-load order).
+        full_fence()
         return self.has_available()
 
 
@@ -472,12 +522,13 @@ class PackedDriverQueue:
         buf_id = self._free_ids.pop()
         ring = self.ring
         desc = ring.desc
+        pack_desc = ring.desc_struct.pack_into
         if use_indirect:
             assert self.allocator is not None
             table_addr = self.allocator.alloc(16 * total, 16)
             table = bytearray(16 * total)
             for i, (addr, length, flags) in enumerate(segments):
-                _DESC.pack_into(table, 16 * i, addr, length, 0, flags)
+                pack_desc(table, 16 * i, addr, length, 0, flags)
             ring.memory.write(table_addr, table)
             self._indirect_tables[buf_id] = table_addr
             entries = [(table_addr, 16 * total, DESC_F_INDIRECT)]
@@ -495,9 +546,9 @@ class PackedDriverQueue:
             if i == 0:
                 # Flags 0 never read as available, whatever the wrap counter.
                 first_flags = flags | bits
-                _DESC.pack_into(desc, pos << 4, addr, length, buf_id, 0)
+                pack_desc(desc, pos << 4, addr, length, buf_id, 0)
             else:
-                _DESC.pack_into(desc, pos << 4, addr, length, buf_id, flags | bits)
+                pack_desc(desc, pos << 4, addr, length, buf_id, flags | bits)
             pos += 1
             if pos == self.size:
                 pos = 0
@@ -521,6 +572,8 @@ class PackedDriverQueue:
         self._kicked = new
         if new == old:
             return False
+        # The descriptor flags must be visible before the device's event structure is read.
+        full_fence()
         event16 = self.ring.device_event16
         flags = event16[1]
         off_wrap = event16[0]
@@ -550,13 +603,14 @@ class PackedDriverQueue:
 
     def get_used(self) -> list[tuple[object, int]]:
         desc = self.ring.desc
+        unpack = self.ring.desc_struct.unpack_from
         out: list[tuple[object, int]] = []
         while self._outstanding:
             pos = self.next_used
             flags = self.ring.desc16[(pos << 3) + 7]
             if not self._is_used(flags):
                 break
-            _addr, written, buf_id, _flags = _DESC.unpack_from(desc, pos << 4)
+            _addr, written, buf_id, _flags = unpack(desc, pos << 4)
             if buf_id >= self.size or not self._live[buf_id]:
                 raise RingError(
                     f"used buffer id {buf_id} was never made available", N_PACKED_DESC_DEV
@@ -610,6 +664,7 @@ class PackedDriverQueue:
             self.ring.driver_event16[1] = RING_EVENT_FLAGS_DESC
         else:
             self.ring.driver_event16[1] = RING_EVENT_FLAGS_ENABLE
+        full_fence()
         return self.has_used()
 
     def detach_unused(self) -> list[object]:

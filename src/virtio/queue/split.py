@@ -13,7 +13,8 @@ import sys
 from collections import deque
 from collections.abc import Sequence
 
-from virtio.errors import GuestMemoryError, RingError
+from virtio.errors import DeviceModelError, GuestMemoryError, RingError
+from virtio.layout import ByteOrder
 from virtio.memory import Allocator, Memory
 from virtio.queue.common import (
     AVAIL_F_NO_INTERRUPT,
@@ -24,6 +25,7 @@ from virtio.queue.common import (
     N_ALIGN,
     N_AVAIL_RING,
     N_DESC_TABLE,
+    N_IN_ORDER_DEV,
     N_INDIRECT,
     N_MSG_FRAMING,
     N_USED_RING_DEV,
@@ -38,19 +40,23 @@ from virtio.queue.common import (
     encode_notification,
     fast_region,
     need_event,
+    refusal,
     u16_array,
     u32_array,
 )
+from virtio.queue.fence import full_fence
 
-_DESC = VIRTQ_DESC.struct
-_ELEM = VIRTQ_USED_ELEM.struct
 _MAX_CHAIN_BYTES = 1 << 32
 
 
 class SplitRing:
-    """The three parts of a split virtqueue mapped from memory."""
+    """The three parts of a split virtqueue mapped from memory.
 
-    def __init__(self, memory: Memory, layout: RingLayout) -> None:
+    ``order`` is the ring's byte order: little-endian for a modern device
+    (VIRTIO_F_VERSION_1), the guest's native order through a legacy interface.
+    """
+
+    def __init__(self, memory: Memory, layout: RingLayout, order: ByteOrder = "little") -> None:
         if layout.packed:
             raise ValueError("a packed layout given to a split ring")
         check_queue_size(layout.size, packed=False)
@@ -64,8 +70,12 @@ class SplitRing:
                 raise RingError(f"{part} at {addr:#x} is not {align}-byte aligned", N_ALIGN)
         self.memory = memory
         self.layout = layout
+        self.order = order
         self.size = layout.size
         self.mask = layout.size - 1
+        # Descriptors and used elements, precompiled for the ring's byte order.
+        self.desc_struct = VIRTQ_DESC.with_order(order).struct
+        self.elem_struct = VIRTQ_USED_ELEM.with_order(order).struct
         desc_len, avail_len, used_len = RingLayout.part_sizes(layout.size, False)
         try:
             self.desc = memory.view(layout.desc, desc_len)
@@ -74,13 +84,14 @@ class SplitRing:
         except GuestMemoryError as err:
             raise RingError(f"virtqueue outside guest memory: {err.message}", N_ALIGN) from err
         # Indices, flags and event words are accessed as whole u16s (see u16_array).
-        self.avail16 = u16_array(self.avail)
-        self.used16 = u16_array(self.used)
-        # The used ring's (id, len) pairs as native u32s, two per element.
-        self.used_elems: U32Array = u32_array(self.used[4 : 4 + 8 * self.size])
+        self.avail16 = u16_array(self.avail, order)
+        self.used16 = u16_array(self.used, order)
+        # The used ring's (id, len) pairs as single u32 stores, two per element.
+        self.used_elems: U32Array = u32_array(self.used[4 : 4 + 8 * self.size], order)
         self._avail_entries = (
-            self.avail[4 : 4 + 2 * self.size].cast("H") if sys.byteorder == "little" else None
+            self.avail[4 : 4 + 2 * self.size].cast("H") if sys.byteorder == order else None
         )
+        self._entries_format = "<" if order == "little" else ">"
         # Offsets of the event-index words that trail each ring.
         self.used_event_off = 4 + 2 * self.size
         self.avail_event_off = 4 + 8 * self.size
@@ -89,7 +100,9 @@ class SplitRing:
         """``count`` available-ring entries from slot ``start`` (no wrap)."""
         if self._avail_entries is not None:
             return self._avail_entries[start : start + count].tolist()
-        return list(struct.unpack_from(f"<{count}H", self.avail, 4 + 2 * start))
+        return list(
+            struct.unpack_from(f"{self._entries_format}{count}H", self.avail, 4 + 2 * start)
+        )
 
 
 class SplitDeviceQueue:
@@ -115,6 +128,8 @@ class SplitDeviceQueue:
         self._signalled = 0
         self._signalled_valid = False
         self._inflight = 0
+        # With VIRTIO_F_IN_ORDER, the chains in the order they were popped.
+        self._in_order_chains: deque[Chain] = deque()
         #: Records what is in flight in memory that outlives this process (vhost-user).
         self.tracker: InflightTracker | None = None
 
@@ -125,6 +140,7 @@ class SplitDeviceQueue:
         self.used_idx = self.ring.used16[1] if used_idx is None else used_idx & 0xFFFF
         self._signalled_valid = False
         self._inflight = (self.last_avail - self.used_idx) & 0xFFFF
+        self._in_order_chains.clear()
 
     def reset(self) -> None:
         """Forget all ring state (queue reset): nothing popped, nothing used."""
@@ -133,6 +149,7 @@ class SplitDeviceQueue:
         self._signalled = 0
         self._signalled_valid = False
         self._inflight = 0
+        self._in_order_chains.clear()
 
     # -- available side --------------------------------------------------------
 
@@ -183,7 +200,7 @@ class SplitDeviceQueue:
         iovecs = memory.iovecs
         # The region holding most buffers, checked inline before the general lookup.
         r_gpa, r_size, r_view = fast_region(memory)
-        unpack_desc = _DESC.unpack_from
+        unpack_desc = ring.desc_struct.unpack_from
         out: list[Chain] = []
         append = out.append
         popped = 0
@@ -216,6 +233,8 @@ class SplitDeviceQueue:
         finally:
             self.last_avail = (last + popped) & 0xFFFF
             self._inflight += len(out)
+            if self.in_order:
+                self._in_order_chains.extend(out)
             if self.tracker is not None and out:
                 self.tracker.popped([chain.head for chain in out])
         if bad_head is not None:
@@ -227,11 +246,15 @@ class SplitDeviceQueue:
         if head >= self.size:
             raise RingError(f"head {head} >= queue size {self.size}", N_AVAIL_RING)
         # Counted in flight already: set_base() took it as popped and not used.
-        return self._walk(head)
+        chain = self._walk(head)
+        if self.in_order:
+            self._in_order_chains.append(chain)
+        return chain
 
     def _walk(self, head: int) -> Chain:
         """Follow a chain with NEXT and/or INDIRECT descriptors, checking everything."""
         ring = self.ring
+        unpack_desc = ring.desc_struct.unpack_from
         memory = ring.memory
         table = ring.desc
         table_size = self.size
@@ -243,7 +266,7 @@ class SplitDeviceQueue:
         in_indirect = False
         r_gpa, r_size, r_view = fast_region(memory)
         while True:
-            addr, length, flags, nxt = _DESC.unpack_from(table, index << 4)
+            addr, length, flags, nxt = unpack_desc(table, index << 4)
             seen += 1
             if seen > table_size:
                 raise RingError(
@@ -321,9 +344,13 @@ class SplitDeviceQueue:
 
         With VIRTIO_F_IN_ORDER only the last buffer's entry is written, and the
         idx moves by the batch size: the driver counts the skipped ones as used.
+        A request the device must not make (a buffer not in flight, a length
+        beyond its writable bytes, out of order with IN_ORDER) raises
+        :class:`~virtio.errors.DeviceModelError` before anything is written.
         """
         if not items:
             return
+        self._check_push(items)
         ring = self.ring
         mask = ring.mask
         idx = self.used_idx
@@ -334,11 +361,14 @@ class SplitDeviceQueue:
             elems[slot] = chain.head
             elems[slot + 1] = written
             idx = (idx + len(items)) & 0xFFFF
+            for chain, _ in items:
+                chain.live = False
         else:
             for chain, written in items:
                 slot = (idx & mask) << 1
                 elems[slot] = chain.head
                 elems[slot + 1] = written
+                chain.live = False
                 idx += 1
             idx &= 0xFFFF
         tracker = self.tracker
@@ -351,8 +381,27 @@ class SplitDeviceQueue:
         if tracker is not None:
             tracker.completed(idx)
 
+    def _check_push(self, items: Sequence[tuple[Chain, int]]) -> None:
+        for chain, written in items:
+            if not chain.live or not 0 <= written <= chain.write_len:
+                raise DeviceModelError(refusal(chain, written))
+        if self.in_order:
+            expected = self._in_order_chains
+            if len(items) > len(expected) or any(
+                chain is not expected[i] for i, (chain, _) in enumerate(items)
+            ):
+                raise DeviceModelError(
+                    f"buffer {items[0][0].head} pushed out of order with VIRTIO_F_IN_ORDER "
+                    f"(next in order: {expected[0].head if expected else 'none'}) [{N_IN_ORDER_DEV}]"
+                )
+            for _ in items:
+                expected.popleft()
+
     def needs_notify(self) -> bool:
         """Whether the driver wants a used-buffer notification for what was pushed."""
+        # The used idx store must be visible before the driver's event word is read,
+        # or a driver re-arming at that moment is never woken (store-load order).
+        full_fence()
         new = self.used_idx
         old = self._signalled
         valid = self._signalled_valid
@@ -378,6 +427,8 @@ class SplitDeviceQueue:
             self.ring.used16[self.ring.avail_event_off >> 1] = self.last_avail
         else:
             self.ring.used16[0] = 0
+        # Re-check only after the re-arming store is visible (store-load order).
+        full_fence()
         return self.avail_idx() != self.last_avail
 
 
@@ -452,6 +503,7 @@ class SplitDriverQueue:
             raise ValueError("a descriptor chain must be shorter than 2^32 bytes")
         ring = self.ring
         desc = ring.desc
+        pack_desc = ring.desc_struct.pack_into
         if use_indirect:
             assert self.allocator is not None
             if self.num_free < 1:
@@ -462,7 +514,7 @@ class SplitDriverQueue:
             table = bytearray(16 * total)
             for i, (addr, length, flags) in enumerate(segments):
                 last = i == total - 1
-                _DESC.pack_into(
+                pack_desc(
                     table,
                     16 * i,
                     addr,
@@ -472,7 +524,7 @@ class SplitDriverQueue:
                 )
             ring.memory.write(table_addr, table)
             head = self._take_descs(1)[0]
-            _DESC.pack_into(desc, head << 4, table_addr, 16 * total, DESC_F_INDIRECT, 0)
+            pack_desc(desc, head << 4, table_addr, 16 * total, DESC_F_INDIRECT, 0)
             self._indirect_tables[head] = table_addr
             chain = [head]
         else:
@@ -482,7 +534,7 @@ class SplitDriverQueue:
             for i, (addr, length, flags) in enumerate(segments):
                 last = i == total - 1
                 nxt = 0 if last else chain[i + 1]
-                _DESC.pack_into(
+                pack_desc(
                     desc, chain[i] << 4, addr, length, flags | (0 if last else DESC_F_NEXT), nxt
                 )
         head = chain[0]
@@ -517,6 +569,8 @@ class SplitDriverQueue:
         if new == old:
             return False
         ring = self.ring
+        # The avail idx store must be visible before the device's event word is read.
+        full_fence()
         if self.event_idx:
             event = ring.used16[ring.avail_event_off >> 1]
             return need_event(event, new, old)
@@ -549,8 +603,9 @@ class SplitDriverQueue:
             )
         out: list[tuple[object, int]] = []
         mask = ring.mask
+        unpack_elem = ring.elem_struct.unpack_from
         while n:
-            head, written = _ELEM.unpack_from(used, 4 + ((last & mask) << 3))
+            head, written = unpack_elem(used, 4 + ((last & mask) << 3))
             if head >= self.size or self._descs[head] is None:
                 raise RingError(f"used id {head} was never made available", N_USED_RING_DEV)
             if written > self._in_len[head]:
@@ -609,6 +664,7 @@ class SplitDriverQueue:
             self.ring.avail16[self.ring.used_event_off >> 1] = self.last_used
         else:
             self.ring.avail16[0] = 0
+        full_fence()
         return self.has_used()
 
     def detach_unused(self) -> list[object]:
