@@ -1,12 +1,20 @@
 """The device side of the basic facilities: status, features, config space, queues.
 
-:class:`VirtioDevice` is a sans-IO state machine. A transport (loopback,
-vhost-user, PCI/MMIO register models) calls its driver-facing methods when the
-driver reads or writes something, and receives the device's notifications
-through :class:`DeviceHooks`. A device type subclasses it, declaring its id,
-features, configuration space and queues, and handles buffers in
-:meth:`VirtioDevice.handle_chain` (or a whole queue in
-:meth:`VirtioDevice.process_queue`).
+:class:`VirtioDevice` is a sans-IO state machine. Transports reach it only
+through :class:`~virtio.core.registers.DeviceRegisters`, the register-shaped
+seam every transport adapter (loopback, vhost-user, PCI, MMIO, CCW) maps its
+own registers onto; the device reaches the driver through
+:class:`DeviceHooks`, which the seam implements. A device type subclasses
+:class:`VirtioDevice`, declaring its id, features, configuration space and
+queues, and serves buffers in :meth:`VirtioDevice.handle_chain`.
+
+A chain can be completed at once (``handle_chain`` returns the bytes
+written) or kept and completed later with :meth:`VirtioDevice.complete`, in
+any order unless VIRTIO_F_IN_ORDER was negotiated (then the core holds
+early completions back until those before them are done). Completions are
+pushed in batches with one notification decision per batch. A device that
+waits on file descriptors or timers asks for them through ``self.events``
+(:class:`~virtio.core.events.EventSources`); its host serves them.
 
 A driver that breaks the spec puts the device into DEVICE_NEEDS_RESET with a
 logged reason naming the normative id; the device then serves nothing until
@@ -16,12 +24,16 @@ it is reset.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from virtio.core.events import EventSources
+from virtio.core.status import Action, Interface, StatusViolation, interpret, is_live
 from virtio.errors import RingError, SpecViolation
-from virtio.memory import GuestMemory, Memory, Translate, TranslatedMemory
+from virtio.layout import ByteOrder
+from virtio.memory import Buffer, GuestMemory, Memory, Translate, TranslatedMemory
 from virtio.queue import Chain, DeviceQueue, RingLayout, device_queue
 from virtio.queue.common import MAX_QUEUE_SIZE
 from virtio.spec import features as F
@@ -45,24 +57,37 @@ N_QRESET_DEV = (
 N_RESERVED_DEV = "devicenormative:Reserved Feature Bits"
 
 S = DeviceStatus
-# The bits only the device sets; a driver's write of them is ignored.
-_DEVICE_OWNED = int(S.DEVICE_NEEDS_RESET)
-# Each step of the initialization sequence and the step it needs first.
-_PREREQ = {
-    int(S.DRIVER): int(S.ACKNOWLEDGE),
-    int(S.FEATURES_OK): int(S.DRIVER),
-    int(S.DRIVER_OK): int(S.FEATURES_OK),
-}
+
+#: What ``handle_chain`` returns for a chain the device keeps, to complete later.
+DEFERRED = None
+
+# Core bits a legacy interface knows (the rest need VIRTIO_F_VERSION_1).
+_LEGACY_CORE = (
+    1 << F.VIRTIO_F_NOTIFY_ON_EMPTY
+    | 1 << F.VIRTIO_F_ANY_LAYOUT
+    | 1 << F.VIRTIO_F_INDIRECT_DESC
+    | 1 << F.VIRTIO_F_EVENT_IDX
+)
+_CORE_MASK = sum(1 << bit for bit in F.CORE_FEATURE_BITS)
 
 
 class DeviceHooks:
-    """How the device reaches the driver; a transport overrides these."""
+    """How the device reaches the driver; the transport seam overrides these."""
 
     def notify_used(self, queue_index: int) -> None:
         """Send a used buffer notification (an interrupt) for a queue."""
 
     def notify_config(self) -> None:
         """Send a configuration change notification."""
+
+
+@dataclass(frozen=True)
+class SharedMemoryRegion:
+    """A shared memory region the device exposes (id, length, and its host memory)."""
+
+    id: int
+    length: int
+    backing: Buffer | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -77,13 +102,24 @@ class QueueState:
     device: int = 0
     enabled: bool = False
     notify_config_data: int = 0
+    vector: int = 0xFFFF
     ring: DeviceQueue | None = field(default=None, repr=False)
+    #: Chains the device kept (handle_chain returned DEFERRED), by identity.
+    deferred: dict[int, Chain] = field(default_factory=dict, repr=False)
+    #: With VIRTIO_F_IN_ORDER and deferred chains: popped chains not yet released,
+    #: and the written length of those completed out of turn.
+    in_order: deque[Chain] = field(default_factory=deque, repr=False)
+    done_early: dict[int, int] = field(default_factory=dict, repr=False)
 
     def clear(self) -> None:
         self.size = self.max_size
         self.desc = self.driver = self.device = 0
         self.enabled = False
+        self.vector = 0xFFFF
         self.ring = None
+        self.deferred.clear()
+        self.in_order.clear()
+        self.done_early.clear()
 
 
 @dataclass(frozen=True)
@@ -120,8 +156,6 @@ class VirtioDevice:
     """Base class of every device model."""
 
     device_id: ClassVar[int] = 0
-    #: Whether requests complete in the order they were popped (allows IN_ORDER).
-    completes_in_order: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -134,14 +168,19 @@ class VirtioDevice:
         if not 1 <= queue_max_size <= MAX_QUEUE_SIZE:
             raise ValueError(f"queue size {queue_max_size} is outside 1..{MAX_QUEUE_SIZE}")
         self.ring_options = ring or RingOptions()
-        if self.ring_options.in_order and not self.completes_in_order:
-            raise ValueError(f"{type(self).__name__} cannot complete requests in order")
         self.hooks = hooks or DeviceHooks()
+        self.events = EventSources()
+        #: A transport that watches what the device writes (vhost-user dirty logging)
+        #: sees every batch of used buffers here, right after it reaches the ring.
+        self.used_hook: Callable[[int, Sequence[tuple[Chain, int]]], None] | None = None
         self.queues = [QueueState(i, queue_max_size) for i in range(num_queues)]
         for q in self.queues:
             q.clear()
         self.memory: Memory | None = None
         self.iommu: Translate | None = None
+        self.interface = Interface.MODERN
+        #: The guest's byte order, used through a legacy interface (the transport knows it).
+        self.legacy_order: ByteOrder = "little"
         self.config = bytearray(self.config_size())
         self.config_generation = 0
         self.status = 0
@@ -162,19 +201,38 @@ class VirtioDevice:
         """Device-type feature bits offered (the core ring bits are added)."""
         return 0
 
+    def legacy_features(self) -> int:
+        """Legacy-only bits offered through a legacy interface (e.g. VIRTIO_F_ANY_LAYOUT)."""
+        return 0
+
     def config_size(self) -> int:
         return 0
 
     def build_config(self) -> None:
-        """Fill ``self.config`` (called at creation and after each reset)."""
+        """Fill ``self.config`` (at creation and after each reset), in ``self.byteorder``."""
 
     def validate_features(self, features: int) -> str | None:
         """A reason to refuse FEATURES_OK for this subset, or None to accept."""
         return None
 
+    def queues_for_features(self, features: int) -> int:
+        """How many queues the device has once ``features`` are negotiated."""
+        return len(self.queues)
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        """A driver read of the config space; override for fields read with side effects."""
+        return bytes(self.config[offset : offset + size])
+
     def config_write(self, offset: int, data: bytes) -> bool:
         """Apply a driver write to the config space; False if the field is read-only."""
         return False
+
+    def shared_memory_regions(self) -> Sequence[SharedMemoryRegion]:
+        """The shared memory regions this device exposes (none by default)."""
+        return ()
+
+    def on_features_ok(self) -> None:
+        """Features are negotiated (``self.negotiated``): queue roles may depend on them."""
 
     def on_driver_ok(self) -> None:
         """The driver set DRIVER_OK: the device is live."""
@@ -182,9 +240,22 @@ class VirtioDevice:
     def on_reset(self) -> None:
         """Forget device-type state (device reset)."""
 
-    def handle_chain(self, queue_index: int, chain: Chain) -> int:
-        """Serve one buffer; returns how many bytes were written into it."""
+    def handle_chain(self, queue_index: int, chain: Chain) -> int | None:
+        """Serve one buffer: the bytes written into it, or DEFERRED to complete it later."""
         raise NotImplementedError
+
+    def quiesce(self, queue_index: int) -> None:
+        """Complete every deferred chain of a queue now (before its state is saved)."""
+
+    def describe(self) -> str:
+        """A short description for logs (``virtio serve``'s start-up line)."""
+        return f"{type(self).__name__}, {len(self.queues)} queues"
+
+    def flush_backend(self) -> None:
+        """Make what the device completed durable (a front-end left, or shutdown)."""
+
+    def close(self) -> None:
+        """Release the device's host resources (files, threads)."""
 
     # -- feature helpers -------------------------------------------------------
 
@@ -194,9 +265,22 @@ class VirtioDevice:
 
     @property
     def live(self) -> bool:
-        return (
-            self.status & (S.DRIVER_OK | S.DEVICE_NEEDS_RESET | S.FAILED | S.SUSPEND) == S.DRIVER_OK
-        )
+        return is_live(self.status)
+
+    @property
+    def legacy(self) -> bool:
+        return self.interface is Interface.LEGACY
+
+    @property
+    def byteorder(self) -> ByteOrder:
+        """The byte order of rings, config fields and headers on the interface in use."""
+        return self.legacy_order if self.legacy else "little"
+
+    def use_interface(self, interface: Interface, legacy_order: ByteOrder = "little") -> None:
+        """The transport says which interface the driver uses; the device resets to it."""
+        self.interface = interface
+        self.legacy_order = legacy_order
+        self.reset()
 
     # -- driver-facing: status -------------------------------------------------
 
@@ -204,52 +288,46 @@ class VirtioDevice:
         return self.status
 
     def write_status(self, value: int) -> None:
-        value &= 0xFF
-        if value == 0:
+        try:
+            write = interpret(self.interface, self.status, value)
+        except StatusViolation as err:
+            self.fail(err.reason, err.normative)
+            return
+        if write.reset:
             self.reset()
             return
-        old = self.status
-        value &= ~_DEVICE_OWNED
-        old_driver_bits = old & ~_DEVICE_OWNED
-        if old & S.SUSPEND:
-            self._write_status_suspended(value)
-            return
-        added = value & ~old_driver_bits
-        cleared = old_driver_bits & ~value
-        if cleared:
-            self.fail(f"driver cleared status bits {DeviceStatus(cleared)!r}", N_STATUS_DRV)
-            return
-        if old & S.DEVICE_NEEDS_RESET and added & ~(S.FAILED | S.SUSPEND):
-            # Nothing moves forward until the driver resets the device.
-            return
-        for bit, needed in _PREREQ.items():
-            if added & bit and not value & needed:
-                self.fail(
-                    f"driver set {DeviceStatus(bit).name} before {DeviceStatus(needed).name}",
-                    N_INIT_DRV,
-                )
-                return
-        if added & S.SUSPEND:
-            added &= ~S.SUSPEND
-            value &= ~S.SUSPEND
-            suspend = True
-        else:
-            suspend = False
-        self.status = old | added
-        if added & S.FEATURES_OK:
-            reason = self._check_features(self.driver_features)
-            if reason is not None:
-                log.info("refusing FEATURES_OK: %s", reason)
-                self.status &= ~S.FEATURES_OK
+        if self.status & S.DEVICE_NEEDS_RESET and not all(
+            step.action is Action.FAIL for step in write.steps
+        ):
+            return  # nothing moves forward until the driver resets the device
+        if write.resume:
+            self._resume()
+        for i, step in enumerate(write.steps):
+            if step.action is Action.NEGOTIATE:
+                reason = self._check_features(self.driver_features)
+                if reason is not None:
+                    log.info("refusing FEATURES_OK: %s", reason)
+                    later = write.steps[i + 1 :]
+                    if any(s.action is Action.GO_LIVE for s in later):
+                        # A modern device never goes live without FEATURES_OK.
+                        self.fail(
+                            "driver set DRIVER_OK in the same write as FEATURES_OK, "
+                            "which the device refused",
+                            N_INIT_DRV,
+                        )
+                    return
+                self.status |= step.bit
+                self._negotiated(self.driver_features)
+            elif step.action is Action.GO_LIVE:
+                self.status |= step.bit
+                self._go_live()
+            elif step.action is Action.SUSPEND:
+                self._suspend()
+            elif step.action is Action.FAIL:
+                self.status |= step.bit
+                log.info("driver set FAILED")
             else:
-                self.negotiated = self.driver_features
-                self._apply_memory()
-        if added & S.DRIVER_OK:
-            self._go_live()
-        if added & S.FAILED:
-            log.info("driver set FAILED")
-        if suspend:
-            self._suspend()
+                self.status |= step.bit
 
     def _check_features(self, features: int) -> str | None:
         extra = features & ~self.offered_features
@@ -262,6 +340,11 @@ class VirtioDevice:
             return f"{'; '.join(problems)} [{N_FEATURES_DRV}]"
         return self.validate_features(features)
 
+    def _negotiated(self, features: int) -> None:
+        self.negotiated = features
+        self._apply_memory()
+        self.on_features_ok()
+
     def _apply_memory(self) -> None:
         if self.memory is None:
             return
@@ -273,7 +356,7 @@ class VirtioDevice:
                 self.memory = TranslatedMemory(base, self.iommu)
 
     def _go_live(self) -> None:
-        for q in self.queues:
+        for q in self.active_queues():
             if q.enabled and q.ring is None:
                 try:
                     self._start_queue(q)
@@ -290,48 +373,59 @@ class VirtioDevice:
             # Operations on SUSPEND before full initialization are ignored.
             log.info("ignoring SUSPEND: device not initialized or feature not negotiated")
             return
-        # Requests are served synchronously, so nothing is in flight here.
+        # Finish what is being processed, then present SUSPEND without DRIVER_OK.
+        for q in self.queues:
+            if q.deferred:
+                self.quiesce(q.index)
         self.status = (self.status & ~S.DRIVER_OK) | S.SUSPEND
 
-    def _write_status_suspended(self, value: int) -> None:
-        if value & S.DRIVER_OK:
-            self.status = (self.status & ~S.SUSPEND) | S.DRIVER_OK
-            if self._config_change_pending:
-                self._config_change_pending = False
-                self.hooks.notify_config()
-            for q in self.queues:
-                if q.ring is not None:
-                    self.process_queue(q.index)
-        elif value & S.FAILED:
-            self.status |= S.FAILED
+    def _resume(self) -> None:
+        self.status = (self.status & ~S.SUSPEND) | S.DRIVER_OK
+        if self._config_change_pending:
+            self._config_change_pending = False
+            self.hooks.notify_config()
+        for q in self.queues:
+            if q.ring is not None:
+                self.process_queue(q.index)
 
     # -- driver-facing: features ----------------------------------------------
 
     def read_device_features(self) -> int:
+        """The offer on the interface in use (a legacy interface has 32 bits)."""
+        if self.legacy:
+            legacy_bits = self.offered_features & 0xFFFFFFFF & (~_CORE_MASK | _LEGACY_CORE)
+            return int(legacy_bits | self.legacy_features())
         return self.offered_features
 
     def write_driver_features(self, value: int) -> None:
-        if self.status & S.FEATURES_OK:
+        if self.status & S.FEATURES_OK or (self.legacy and self.status & S.DRIVER_OK):
             if value != self.driver_features:
                 self.fail("driver changed its features after FEATURES_OK", N_INIT_DRV)
             return
         self.driver_features = value
+        if self.legacy:
+            # A legacy device acts on the features as they are written.
+            extra = value & ~self.read_device_features()
+            if extra:
+                self.fail(f"driver accepted features not offered: {extra:#x}", N_FEATURES_DRV)
+                return
+            self._negotiated(value)
 
     # -- driver-facing: configuration space -----------------------------------
 
     def read_config(self, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0 or offset + size > len(self.config):
             # Reads past the end return zeroes, the way an unbacked register reads.
-            out = bytearray(size)
+            out = bytearray(max(size, 0))
             start = max(0, offset)
             end = min(len(self.config), offset + size)
             if end > start:
-                out[start - offset : end - offset] = self.config[start:end]
+                out[start - offset : end - offset] = self.config_read(start, end - start)
             return bytes(out)
-        return bytes(self.config[offset : offset + size])
+        return self.config_read(offset, size)
 
     def write_config(self, offset: int, data: bytes) -> None:
-        if not self.status & S.FEATURES_OK:
+        if not self.status & S.FEATURES_OK and not (self.legacy and self.status & S.DRIVER):
             self.fail("driver wrote the configuration space before FEATURES_OK", N_INIT_DRV)
             return
         if self.status & S.SUSPEND:
@@ -352,6 +446,12 @@ class VirtioDevice:
             self._config_change_pending = True
 
     # -- driver-facing: queues -------------------------------------------------
+
+    def active_queues(self) -> list[QueueState]:
+        """The queues that exist with the features negotiated (all of them before that)."""
+        if self.status & S.FEATURES_OK or (self.legacy and self.status & S.DRIVER_OK):
+            return self.queues[: self.queues_for_features(self.negotiated)]
+        return self.queues
 
     def queue(self, index: int) -> QueueState:
         if not 0 <= index < len(self.queues):
@@ -386,6 +486,9 @@ class VirtioDevice:
 
     def enable_queue(self, index: int) -> None:
         q = self.queue(index)
+        if index >= len(self.active_queues()):
+            self.fail(f"driver enabled queue {index}, which the features leave out", N_INIT_DRV)
+            return
         q.enabled = True
         if self.status & S.DRIVER_OK:
             # Re-enabling after a queue reset on a live device.
@@ -396,10 +499,18 @@ class VirtioDevice:
 
     def reset_queue(self, index: int) -> None:
         """Per-queue reset (VIRTIO_F_RING_RESET)."""
-        q = self.queue(index)
+        self.queue(index)  # the queue exists
         if not self.has(F.VIRTIO_F_RING_RESET):
             self.fail("queue reset without VIRTIO_F_RING_RESET", N_QRESET_DEV)
             return
+        self.stop_queue(index)
+
+    def stop_queue(self, index: int) -> None:
+        """Forget a queue's ring and configuration; completions still pending are dropped."""
+        q = self.queue(index)
+        if q.deferred:
+            # Work in flight still writes into the queue's buffers: let it finish first.
+            self.quiesce(index)
         # After the reset the queue executes nothing and notifies nothing.
         q.clear()
 
@@ -415,18 +526,19 @@ class VirtioDevice:
             indirect=self.has(F.VIRTIO_F_INDIRECT_DESC),
             event_idx=self.has(F.VIRTIO_F_EVENT_IDX),
             in_order=self.has(F.VIRTIO_F_IN_ORDER),
+            order=self.byteorder,
         )
 
     # -- driver-facing: notifications ------------------------------------------
 
-    def notify(self, index: int, data: int | None = None) -> None:
+    def notify(self, index: int) -> None:
         """An available buffer notification (a kick) for queue ``index``."""
         if self.status & S.DEVICE_NEEDS_RESET:
             return
         if not self.status & (S.DRIVER_OK | S.SUSPEND):
             self.fail(f"driver notified queue {index} before DRIVER_OK", N_INIT_DRV)
             return
-        if not 0 <= index < len(self.queues):
+        if not 0 <= index < len(self.active_queues()):
             self.fail(f"driver notified queue {index}, which does not exist", N_INIT_DRV)
             return
         if self.status & S.SUSPEND:
@@ -440,7 +552,6 @@ class VirtioDevice:
         ring = q.ring
         if ring is None or not self.live:
             return
-        handle = self.handle_chain
         try:
             while True:
                 chains = ring.pop_many(ring.size)
@@ -449,11 +560,99 @@ class VirtioDevice:
                         break
                     continue
                 ring.disable_notifications()
-                ring.push_many([(chain, handle(index, chain)) for chain in chains])
-                if ring.needs_notify():
-                    self.hooks.notify_used(index)
+                if not self.serve_chains(index, chains):
+                    return
         except SpecViolation as err:
             self.fail(err.message, err.normative)
+
+    def serve_chains(self, index: int, chains: Sequence[Chain]) -> bool:
+        """Hand popped chains to the device type and push what it completed at once.
+
+        Also how a transport resubmits chains it recovered (vhost-user inflight
+        records). False when the device failed on one of them: the rest are
+        not served.
+        """
+        q = self.queues[index]
+        ring = q.ring
+        assert ring is not None
+        handle = self.handle_chain
+        done: list[tuple[Chain, int]] = []
+        deferred = False
+        for chain in chains:
+            written = handle(index, chain)
+            if self.status & S.DEVICE_NEEDS_RESET:
+                return False  # the device failed: stop at this chain
+            if written is None:
+                q.deferred[id(chain)] = chain
+                deferred = True
+            else:
+                done.append((chain, written))
+        if ring.in_order and (deferred or q.in_order):
+            # Completions wait for chains popped ahead of them.
+            self._release_in_order(q, chains, done)
+        elif done:
+            self._push(q, done)
+        return True
+
+    def _push(self, q: QueueState, items: Sequence[tuple[Chain, int]]) -> None:
+        """One batch of used buffers, one notification decision."""
+        ring = q.ring
+        assert ring is not None
+        ring.push_many(items)
+        if self.used_hook is not None:
+            self.used_hook(q.index, items)
+        if self.live and ring.needs_notify():
+            self.hooks.notify_used(q.index)
+
+    def complete(self, queue_index: int, chain: Chain, written: int) -> None:
+        """Return one chain the device kept (see :meth:`complete_many`)."""
+        self.complete_many(queue_index, ((chain, written),))
+
+    def complete_many(self, queue_index: int, items: Sequence[tuple[Chain, int]]) -> None:
+        """Return chains the device kept, as one batch with one notification decision.
+
+        Completions of a queue that was reset (or a device that was reset or
+        failed) since the chain was popped are dropped: that ring is gone.
+        With VIRTIO_F_IN_ORDER, a chain completed before those popped ahead of
+        it waits for them.
+        """
+        q = self.queues[queue_index]
+        ring = q.ring
+        if ring is None or self.status & S.DEVICE_NEEDS_RESET:
+            return
+        mine = [(c, n) for c, n in items if q.deferred.pop(id(c), None) is c]
+        if len(mine) != len(items):
+            log.debug(
+                "queue %d: dropping %d stale completions", queue_index, len(items) - len(mine)
+            )
+        if not mine:
+            return
+        if ring.in_order:
+            self._release_in_order(q, (), mine)
+            return
+        self._push(q, mine)
+
+    def _release_in_order(
+        self, q: QueueState, popped: Sequence[Chain], done: Sequence[tuple[Chain, int]]
+    ) -> None:
+        """Push completions in the order the chains were popped (VIRTIO_F_IN_ORDER)."""
+        ring = q.ring
+        assert ring is not None
+        q.in_order.extend(popped)
+        early = q.done_early
+        for chain, written in done:
+            early[id(chain)] = written
+        ready: list[tuple[Chain, int]] = []
+        order = q.in_order
+        while order and id(order[0]) in early:
+            chain = order.popleft()
+            ready.append((chain, early.pop(id(chain))))
+        if ready:
+            self._push(q, ready)
+
+    @property
+    def deferred_count(self) -> int:
+        return sum(len(q.deferred) for q in self.queues)
 
     # -- device-initiated ------------------------------------------------------
 
@@ -477,6 +676,8 @@ class VirtioDevice:
         self.needs_reset_reason = None
         self._config_change_pending = False
         for q in self.queues:
+            if q.deferred:
+                self.quiesce(q.index)  # nothing may touch guest memory after the reset
             q.clear()
         if isinstance(self.memory, TranslatedMemory):
             self.memory = self.memory.memory
@@ -489,13 +690,15 @@ class VirtioDevice:
         self.iommu = iommu
 
 
-ChainHandler = Callable[[int, Chain], int]
+ChainHandler = Callable[[int, Chain], "int | None"]
 
 __all__ = [
+    "DEFERRED",
     "ChainHandler",
     "DeviceHooks",
     "QueueState",
     "RingError",
     "RingOptions",
+    "SharedMemoryRegion",
     "VirtioDevice",
 ]

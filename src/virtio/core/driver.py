@@ -8,16 +8,30 @@ through its virtqueues. A device type's driver subclasses it.
 The driver does not trust the device: ring errors, a status that lost bits or
 DEVICE_NEEDS_RESET make the driver fail the outstanding requests with a clear
 error instead of hanging.
+
+Like the device, the driver core is sans-IO: it never sleeps and never reads
+a clock. Used buffers, configuration changes and a device that needs a reset
+arrive as :class:`DriverEvent` objects from :meth:`VirtioDriver.poll`; the
+blocking helpers (:meth:`VirtioDriver.wait`, :meth:`VirtioDriver.call`, the
+reset and suspend waits) ask the transport adapter to block, with its own
+clock, until a condition holds.
+
+Through a legacy interface (``transport.legacy``) the driver follows the
+legacy sequence: 32 feature bits, no FEATURES_OK, rings laid out in one
+block located by page frame number, and the guest's byte order in rings,
+config fields and headers.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from virtio.core.status import Interface, Phase, path
 from virtio.errors import DeviceNeedsReset, NegotiationError, SpecViolation, VirtioError
+from virtio.layout import ByteOrder
 from virtio.memory import Allocator, Memory
 from virtio.queue import DriverQueue, RingLayout, driver_queue
 from virtio.spec import features as F
@@ -48,11 +62,21 @@ CORE_FEATURES = (
 
 
 class DriverTransport(Protocol):
-    """How a driver reaches a device: registers, rings' memory, notifications."""
+    """How a driver reaches a device: registers, rings' memory, notifications.
+
+    ``legacy`` says the device is driven through a legacy interface, whose
+    rings and fields are in ``legacy_order`` (the guest's byte order) and
+    whose queues are given to ``setup_queue`` as :meth:`RingLayout.legacy`
+    layouts aligned to ``queue_align``. ``wait_until`` is where blocking
+    happens: the adapter waits on its interrupts, with its own clock.
+    """
 
     device_id: int
     memory: Memory
     allocator: Allocator
+    legacy: bool
+    legacy_order: ByteOrder
+    queue_align: int
 
     def read_status(self) -> int: ...
     def write_status(self, value: int) -> None: ...
@@ -70,6 +94,7 @@ class DriverTransport(Protocol):
         self, used: Callable[[int], None], config: Callable[[], None]
     ) -> None: ...
     def wait_interrupt(self, timeout: float | None) -> bool: ...
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool: ...
 
 
 class Request:
@@ -87,6 +112,29 @@ class Request:
         self.done = False
         self.written = 0
         self.error: VirtioError | None = None
+
+
+@dataclass(frozen=True)
+class UsedBuffer:
+    """The device returned a buffer (``request.written`` bytes written)."""
+
+    queue: int
+    request: Request
+
+
+@dataclass(frozen=True)
+class ConfigChanged:
+    """The device changed its configuration space."""
+
+
+@dataclass(frozen=True)
+class NeedsReset:
+    """The device set DEVICE_NEEDS_RESET (or broke the rings); the driver stopped using it."""
+
+    reason: str
+
+
+DriverEvent = UsedBuffer | ConfigChanged | NeedsReset
 
 
 class VirtioDriver:
@@ -113,6 +161,8 @@ class VirtioDriver:
         self.broken: str | None = None
         self.suspended = False
         self.config_changes = 0
+        self._events: list[DriverEvent] = []
+        self._used_pending: set[int] = set()
         transport.set_interrupt_handlers(self._on_used, self._on_config)
 
     # -- what a device type's driver declares ---------------------------------
@@ -136,23 +186,38 @@ class VirtioDriver:
     def has(self, bit: int) -> bool:
         return bool(self.negotiated >> bit & 1)
 
+    @property
+    def interface(self) -> Interface:
+        return Interface.LEGACY if self.transport.legacy else Interface.MODERN
+
+    @property
+    def byteorder(self) -> ByteOrder:
+        """The byte order of rings, config fields and headers on this interface."""
+        return self.transport.legacy_order if self.transport.legacy else "little"
+
     def reset(self, timeout: float = 5.0) -> None:
         """Reset the device and wait until it reads back status 0."""
         t = self.transport
         t.write_status(0)
-        deadline = time.monotonic() + timeout
-        while t.read_status() != 0:
-            if time.monotonic() > deadline:
-                raise NegotiationError("device did not complete the reset", N_RESET_DRV)
-            time.sleep(0.001)
+        if not t.wait_until(lambda: t.read_status() == 0, timeout):
+            raise NegotiationError("device did not complete the reset", N_RESET_DRV)
         for q in self.queues:
             q.detach_unused()
         self.queues = []
         self.broken = None
+        self._events.clear()
+        self._used_pending.clear()
 
     def _set_status(self, bit: int) -> None:
         t = self.transport
         t.write_status(t.read_status() | bit)
+
+    def _advance(self, steps: list[int], phase: Phase) -> None:
+        """Write the status values of the initialization sequence up to ``phase``."""
+        for value in path(self.interface, phase):
+            if value not in steps:
+                steps.append(value)
+                self.transport.write_status(value)
 
     def choose_features(self, offered: int) -> int:
         """The subset to accept: known, wanted, with every requirement met."""
@@ -176,28 +241,30 @@ class VirtioDriver:
                 raise NegotiationError(f"cannot satisfy feature requirements: {problems}")
 
     def initialize(self) -> None:
-        """Steps 1-8 of the device initialization sequence."""
+        """Steps 1-8 of the device initialization sequence (the legacy one on a legacy interface)."""
         t = self.transport
         if t.device_id != self.device_id:
             raise NegotiationError(
                 f"{type(self).__name__} drives device id {self.device_id}, found {t.device_id}"
             )
         self.reset()
-        self._set_status(S.ACKNOWLEDGE)
-        self._set_status(S.DRIVER)
+        written: list[int] = []
+        self._advance(written, Phase.DRIVER)  # ACKNOWLEDGE, then DRIVER
         offered = t.read_device_features()
         self.device_features = offered
-        if not offered >> F.VIRTIO_F_VERSION_1 & 1:
+        legacy = t.legacy
+        if not legacy and not offered >> F.VIRTIO_F_VERSION_1 & 1:
             self._set_status(S.FAILED)
             raise NegotiationError("device does not offer VIRTIO_F_VERSION_1 (legacy only)")
         accept = self.choose_features(offered)
         t.write_driver_features(accept)
-        self._set_status(S.FEATURES_OK)
-        if not t.read_status() & S.FEATURES_OK:
-            self._set_status(S.FAILED)
-            raise NegotiationError(
-                f"device refused features {accept:#x} (FEATURES_OK not set)", N_INIT_DRV
-            )
+        if not legacy:
+            self._advance(written, Phase.FEATURES_OK)
+            if not t.read_status() & S.FEATURES_OK:
+                self._set_status(S.FAILED)
+                raise NegotiationError(
+                    f"device refused features {accept:#x} (FEATURES_OK not set)", N_INIT_DRV
+                )
         self.negotiated = accept
         try:
             self._setup_queues()
@@ -205,7 +272,7 @@ class VirtioDriver:
         except Exception:
             self._set_status(S.FAILED)
             raise
-        self._set_status(S.DRIVER_OK)
+        self._advance(written, Phase.LIVE)
         status = t.read_status()
         if status & S.DEVICE_NEEDS_RESET:
             raise DeviceNeedsReset("device needs a reset right after DRIVER_OK")
@@ -224,11 +291,17 @@ class VirtioDriver:
         max_size = t.queue_max_size(index)
         if max_size == 0:
             raise NegotiationError(f"queue {index} is not available")
-        size = min(max_size, self.queue_size or max_size)
-        if not packed:
-            size = 1 << (size.bit_length() - 1)  # split rings need a power of 2
-        base = t.allocator.alloc(RingLayout.contiguous(0, size, packed).total_bytes(), 4096)
-        layout = RingLayout.contiguous(base, size, packed)
+        if t.legacy:
+            # A legacy queue's size is the device's; its parts sit in one aligned block.
+            size, align = max_size, t.queue_align
+            base = t.allocator.alloc(RingLayout.legacy_bytes(size, align), max(align, 4096))
+            layout = RingLayout.legacy(base, size, align)
+        else:
+            size = min(max_size, self.queue_size or max_size)
+            if not packed:
+                size = 1 << (size.bit_length() - 1)  # split rings need a power of 2
+            base = t.allocator.alloc(RingLayout.contiguous(0, size, packed).total_bytes(), 4096)
+            layout = RingLayout.contiguous(base, size, packed)
         q = driver_queue(
             t.memory,
             layout,
@@ -237,6 +310,7 @@ class VirtioDriver:
             in_order=self.has(F.VIRTIO_F_IN_ORDER),
             allocator=t.allocator,
             vq_index=index,
+            order=self.byteorder,
         )
         t.setup_queue(index, layout)
         return q
@@ -273,17 +347,17 @@ class VirtioDriver:
         self.suspended = False
 
     def _wait_status(self, want: int, clear: int, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.transport.read_status()
-            if status & S.DEVICE_NEEDS_RESET:
-                self._break(f"device failed to {what}")
-                raise DeviceNeedsReset(f"device failed to {what}")
-            if status & want and not status & clear:
-                return
-            if time.monotonic() > deadline:
-                raise NegotiationError(f"device did not {what} in {timeout}s", N_SUSPEND_DRV)
-            time.sleep(0.001)
+        t = self.transport
+
+        def settled() -> bool:
+            status = t.read_status()
+            return bool(status & S.DEVICE_NEEDS_RESET or (status & want and not status & clear))
+
+        if not t.wait_until(settled, timeout):
+            raise NegotiationError(f"device did not {what} in {timeout}s", N_SUSPEND_DRV)
+        if t.read_status() & S.DEVICE_NEEDS_RESET:
+            self._break(f"device failed to {what}")
+            raise DeviceNeedsReset(f"device failed to {what}")
 
     # -- configuration space ------------------------------------------------------
 
@@ -377,18 +451,31 @@ class VirtioDriver:
         request.out = []
         request.in_ = []
 
-    def wait(self, request: Request, timeout: float = 30.0) -> Request:
-        """Block until ``request`` is used (or the device breaks)."""
-        deadline = time.monotonic() + timeout
-        while not request.done:
-            self._check_usable()
-            self.harvest(request.queue)
-            if request.done:
+    def poll(self) -> list[DriverEvent]:
+        """Harvest every queue and return what happened since the last poll, in order."""
+        for index in range(len(self.queues)):
+            if self.broken is not None:
                 break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"request on queue {request.queue} not completed in {timeout}s")
-            self.transport.wait_interrupt(min(remaining, 0.5))
+            try:
+                done = self.harvest(index)
+            except SpecViolation:
+                continue  # recorded as a NeedsReset event by harvest
+            self._events.extend(UsedBuffer(index, request) for request in done)
+        events, self._events = self._events, []
+        self._used_pending.clear()
+        return events
+
+    def wait(self, request: Request, timeout: float = 30.0) -> Request:
+        """Block (in the transport) until ``request`` is used, or the device breaks."""
+
+        def finished() -> bool:
+            self._check_usable()
+            if not request.done:
+                self.harvest(request.queue)
+            return request.done
+
+        if not self.transport.wait_until(finished, timeout):
+            raise TimeoutError(f"request on queue {request.queue} not completed in {timeout}s")
         return request
 
     def call(
@@ -411,8 +498,8 @@ class VirtioDriver:
     # -- interrupts ----------------------------------------------------------------------
 
     def _on_used(self, queue: int) -> None:
-        # Used buffers are harvested by whoever waits; nothing to do eagerly.
-        pass
+        # Used buffers are harvested by whoever polls or waits; remember where to look.
+        self._used_pending.add(queue)
 
     def _on_config(self) -> None:
         self.config_changes += 1
@@ -420,6 +507,7 @@ class VirtioDriver:
         if status & S.DEVICE_NEEDS_RESET:
             self._break("device set DEVICE_NEEDS_RESET")
             return
+        self._events.append(ConfigChanged())
         self.on_config_change()
 
     def _check_usable(self) -> None:
@@ -433,3 +521,4 @@ class VirtioDriver:
         if self.broken is None:
             log.warning("driver stops using the device: %s", reason)
             self.broken = reason
+            self._events.append(NeedsReset(reason))

@@ -1,22 +1,39 @@
 """Loopback: a driver and a device in one process over shared guest memory.
 
-The driver talks to :class:`Loopback` as to any transport; it forwards
-register accesses to the device model and delivers the device's notifications
-back. With ``threaded=True`` the device runs in its own thread, woken by kicks,
-so the two ends really race over the rings the way a VM and a back-end do.
-With an IOMMU base, the driver sees an IOVA space (VIRTIO_F_ACCESS_PLATFORM)
-and the device translates every address it is given.
+The driver talks to :class:`Loopback` as to any transport; the loopback
+reaches the device model only through the device transport seam
+(:class:`~virtio.core.registers.DeviceRegisters`), register by register, the
+way a PCI or MMIO model does, and implements the seam's interrupt sink to
+deliver the device's notifications back. With ``threaded=True`` the device
+runs in its own thread, woken by kicks, so the two ends really race over the
+rings the way a VM and a back-end do. With an IOMMU base, the driver sees an
+IOVA space (VIRTIO_F_ACCESS_PLATFORM) and the device translates every
+address it is given. With ``legacy=True`` the device is driven through its
+legacy interface, in the guest byte order ``legacy_order``.
+
+The loopback is also the device's host: it serves the file descriptors and
+timers the device asks for (``device.events``), in the device thread or,
+without one, while the driver waits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
+import select
 import threading
+import time
 from collections.abc import Callable
 
-from virtio.core.device import DeviceHooks, VirtioDevice
+from virtio.core.device import VirtioDevice
+from virtio.core.registers import DeviceRegisters
+from virtio.core.status import Interface
+from virtio.layout import ByteOrder
 from virtio.memory import Allocator, GuestMemory, Memory, PageTable, TranslatedMemory
 from virtio.queue import RingLayout
+from virtio.queue.common import LEGACY_QUEUE_ALIGN
+from virtio.transport.blocking import wait_until
 
 
 def _nothing(_: int) -> None:
@@ -27,7 +44,7 @@ def _nothing_config() -> None:
     pass
 
 
-class Loopback(DeviceHooks):
+class Loopback:
     """An in-process transport joining one device model and one driver."""
 
     def __init__(
@@ -38,9 +55,15 @@ class Loopback(DeviceHooks):
         threaded: bool = False,
         memfd: bool = False,
         iommu_base: int | None = None,
+        legacy: bool = False,
+        legacy_order: ByteOrder = "little",
+        vectors: int = 0,
     ) -> None:
         self.device = device
         self.device_id = device.device_id
+        self.legacy = legacy
+        self.legacy_order: ByteOrder = legacy_order
+        self.queue_align = LEGACY_QUEUE_ALIGN
         self.guest = GuestMemory()
         if memfd:
             _region, fd = self.guest.add_memfd(0, memory_size)
@@ -61,7 +84,13 @@ class Loopback(DeviceHooks):
             self.memory = TranslatedMemory(self.guest, table)
             self.allocator = Allocator(iommu_base + 0x1000, memory_size - 0x1000)
             device.attach_memory(self.guest, table)
-        device.hooks = self
+        self.registers = DeviceRegisters(
+            device,
+            interrupts=self,
+            interface=Interface.LEGACY if legacy else Interface.MODERN,
+            legacy_order=legacy_order,
+            vectors=vectors,
+        )
         self._used_handler: Callable[[int], None] = _nothing
         self._config_handler: Callable[[], None] = _nothing_config
         self.kicks = 0
@@ -73,6 +102,7 @@ class Loopback(DeviceHooks):
         self._pending_config = False
         self._irq = threading.Condition(threading.Lock())
         self._kicks: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread: threading.Thread | None = None
         if threaded:
             self._thread = threading.Thread(
@@ -83,11 +113,13 @@ class Loopback(DeviceHooks):
     def close(self) -> None:
         if self._thread is not None:
             self._kicks.put(None)
+            os.eventfd_write(self._wake, 1)
             self._thread.join(timeout=5)
             self._thread = None
+        if self._wake >= 0:
+            os.close(self._wake)
+            self._wake = -1
         if self._memfd is not None:
-            import os
-
             os.close(self._memfd)
             self._memfd = None
 
@@ -97,18 +129,18 @@ class Loopback(DeviceHooks):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the device's side: DeviceHooks -------------------------------------------
+    # -- the device's side: the seam's interrupt sink ------------------------------
 
-    def notify_used(self, queue_index: int) -> None:
+    def queue_interrupt(self, queue: int, vector: int) -> None:
         self.interrupts += 1
         if self.threaded:
             with self._irq:
-                self._pending_used.add(queue_index)
+                self._pending_used.add(queue)
                 self._irq.notify_all()
         else:
-            self._used_handler(queue_index)
+            self._used_handler(queue)
 
-    def notify_config(self) -> None:
+    def config_interrupt(self, vector: int) -> None:
         if self.threaded:
             with self._irq:
                 self._pending_config = True
@@ -118,69 +150,122 @@ class Loopback(DeviceHooks):
 
     def _device_loop(self) -> None:
         while True:
-            index = self._kicks.get()
-            if index is None:
-                return
-            with self._lock:
-                self.device.notify(index)
+            self._serve_device_events(None, wake=True)
+            while True:
+                try:
+                    index = self._kicks.get_nowait()
+                except queue.Empty:
+                    break
+                if index is None:
+                    return
+                with self._lock:
+                    self.registers.notify(queue=index)
 
-    # -- the driver's side: DriverTransport ----------------------------------------
+    def _serve_device_events(self, timeout: float | None, *, wake: bool = False) -> bool:
+        """Wait for the device's fds and timers (and kicks, in the device thread)."""
+        events = self.device.events
+        now = time.monotonic()
+        with self._lock:
+            deadline = events.next_deadline(now)
+            fds = list(events.fds)
+        wait = timeout
+        if deadline is not None:
+            wait = max(0.0, deadline - now) if wait is None else min(wait, max(0.0, deadline - now))
+        watched = [*fds, self._wake] if wake else fds
+        if not watched and wait is None:
+            return False
+        ready = select.select(watched, [], [], wait)[0] if watched else []
+        if not watched and wait:
+            time.sleep(wait)
+        now = time.monotonic()
+        served = False
+        with self._lock:
+            for fd in ready:
+                if fd == self._wake:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(self._wake)
+                    continue
+                events.fd_ready(fd, now)
+                served = True
+            served = events.run_due(now) > 0 or served
+        return served
+
+    # -- the driver's side: DriverTransport, mapped onto the registers -------------
 
     def read_status(self) -> int:
         with self._lock:
-            return self.device.read_status()
+            return self.registers.status
 
     def write_status(self, value: int) -> None:
         with self._lock:
-            self.device.write_status(value)
+            self.registers.status = value
 
     def read_device_features(self) -> int:
         with self._lock:
-            return self.device.read_device_features()
+            regs = self.registers
+            words = 1 if self.legacy else 2
+            value = 0
+            for select_ in range(words):
+                regs.device_feature_select = select_
+                value |= regs.device_feature << (32 * select_)
+            return value
 
     def write_driver_features(self, value: int) -> None:
         with self._lock:
-            self.device.write_driver_features(value)
+            regs = self.registers
+            for select_ in range(1 if self.legacy else 2):
+                regs.driver_feature_select = select_
+                regs.driver_feature = value >> (32 * select_) & 0xFFFFFFFF
 
     def read_config(self, offset: int, size: int) -> bytes:
         with self._lock:
-            return self.device.read_config(offset, size)
+            return self.registers.read_config(offset, size)
 
     def write_config(self, offset: int, data: bytes) -> None:
         with self._lock:
-            self.device.write_config(offset, data)
+            self.registers.write_config(offset, data)
 
     def config_generation(self) -> int:
         with self._lock:
-            return self.device.config_generation
+            return self.registers.config_generation
 
     def num_queues(self) -> int:
-        return len(self.device.queues)
+        return self.registers.num_queues
 
     def queue_max_size(self, index: int) -> int:
-        return self.device.queues[index].max_size
+        with self._lock:
+            self.registers.queue_select = index
+            return self.registers.queue_max_size
 
     def setup_queue(self, index: int, layout: RingLayout) -> None:
         with self._lock:
-            self.device.configure_queue(
-                index,
-                size=layout.size,
-                desc=layout.desc,
-                driver=layout.driver,
-                device=layout.device,
-            )
-            self.device.enable_queue(index)
+            regs = self.registers
+            regs.queue_select = index
+            if self.legacy:
+                regs.queue_align = self.queue_align
+                regs.queue_size = layout.size
+                regs.queue_pfn = layout.desc // regs.guest_page_size
+                return
+            regs.queue_size = layout.size
+            regs.queue_desc = layout.desc
+            regs.queue_driver = layout.driver
+            regs.queue_device = layout.device
+            if regs.vectors:
+                regs.queue_msix_vector = index + 1
+            regs.queue_enable = 1
 
     def reset_queue(self, index: int) -> None:
         with self._lock:
-            self.device.reset_queue(index)
+            self.registers.queue_select = index
+            self.registers.queue_reset = 1
 
     def notify(self, index: int, value: int) -> None:
         self.kicks += 1
         if self.threaded:
             self._kicks.put(index)
+            os.eventfd_write(self._wake, 1)
         else:
-            self.device.notify(index, value)
+            self.registers.notify(value, queue=index)
 
     def set_interrupt_handlers(
         self, used: Callable[[int], None], config: Callable[[], None]
@@ -189,9 +274,13 @@ class Loopback(DeviceHooks):
         self._config_handler = config
 
     def wait_interrupt(self, timeout: float | None) -> bool:
-        """Deliver pending notifications in the caller's thread; False on timeout."""
+        """Deliver pending notifications in the caller's thread; False on timeout.
+
+        Without a device thread the device's own event sources (fds, timers)
+        are served here, in the waiting driver's thread.
+        """
         if not self.threaded:
-            return False
+            return self._serve_device_events(timeout)
         with self._irq:
             if not self._pending_used and not self._pending_config:
                 self._irq.wait(timeout)
@@ -204,3 +293,6 @@ class Loopback(DeviceHooks):
         if config:
             self._config_handler()
         return bool(used) or config
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        return wait_until(predicate, timeout, self.wait_interrupt)

@@ -6,9 +6,15 @@ returns the replies to send. Everything that touches the operating system
 creating the inflight memfd) goes through the :class:`Host` the adapter
 supplies, so the whole protocol runs in tests without sockets or VMs.
 
-The session drives the device model the way a driver would: SET_FEATURES
-walks the status through FEATURES_OK, the first ring start sets DRIVER_OK,
-and each ring's addresses, size and base configure one device queue.
+The session reaches the device model only through the device transport
+seam (:class:`~virtio.core.registers.DeviceRegisters`), and drives it the way
+a driver would, along the status table's path: SET_FEATURES walks the status
+through FEATURES_OK (or, for a legacy guest that did not accept
+VIRTIO_F_VERSION_1, takes the legacy interface, which has no such step), the
+first ring start sets DRIVER_OK, and each ring's addresses, size and base
+configure one queue register by register. The session is the seam's
+interrupt sink: a used buffer notification signals the ring's call eventfd,
+a configuration change goes over the back-end request channel.
 
 Fd ownership: every fd that arrives with a message belongs to the session
 from the moment ``handle`` is called. It keeps the ones it uses (kick, call,
@@ -21,10 +27,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from virtio.core.device import DeviceHooks, VirtioDevice
+from virtio.core.device import VirtioDevice
+from virtio.core.registers import DeviceRegisters
+from virtio.core.status import Interface, Phase, path
 from virtio.errors import SpecViolation
 from virtio.memory import Buffer, GuestMemory
 from virtio.queue import Chain, PackedDeviceQueue, SplitDeviceQueue
@@ -56,6 +65,7 @@ from virtio.vhost_user.wire import (
     Request,
     VhostUserError,
     expect_size,
+    one_line,
     reply_to,
 )
 
@@ -92,6 +102,7 @@ DEFAULT_PROTOCOL_FEATURES = sum(
     )
 )
 MAX_MEM_SLOTS = 32
+_FILE_OFFSET_LIMIT = 1 << 63  # mmap takes a signed 64-bit size and file offset
 
 # Messages that carry their own reply; REPLY_ACK adds nothing to them.
 _HAS_REPLY = {
@@ -159,7 +170,7 @@ class Vring:
     started: bool = False
 
 
-class BackendSession(DeviceHooks):
+class BackendSession:
     """One front-end connection's protocol state, serving one device model."""
 
     def __init__(
@@ -172,12 +183,12 @@ class BackendSession(DeviceHooks):
     ) -> None:
         self.device = device
         self.host = host
-        self.num_queues = len(device.queues)
+        self.registers = regs = DeviceRegisters(device, interrupts=self)
+        self.num_queues = regs.num_queues
         # Over vhost-user the front-end (the VMM, or the guest through it) picks the
         # ring size; the back-end takes any size the rings allow.
         self.max_queue_size = max_queue_size or MAX_QUEUE_SIZE
-        for q in device.queues:
-            q.max_size = max(q.max_size, self.max_queue_size)
+        regs.allow_queue_sizes(self.max_queue_size)
         self.offered_protocol = protocol_features
         self.features = 0
         self.protocol = 0
@@ -194,32 +205,31 @@ class BackendSession(DeviceHooks):
         self.inflight_queue_size = 0
         self.status = 0
         self.closed = False
-        device.reset()
-        device.hooks = self
-        device.attach_memory(self.memory)
+        regs.attach_memory(self.memory)
+        regs.used_hook = self._log_used
 
     # -- what the front-end sees as features -----------------------------------
 
     @property
     def offered_features(self) -> int:
-        return self.device.offered_features | 1 << F_PROTOCOL_FEATURES | 1 << F_LOG_ALL
+        return self.registers.offered_features | 1 << F_PROTOCOL_FEATURES | 1 << F_LOG_ALL
 
     def _has_protocol(self, bit: int) -> bool:
         return bool(self.protocol >> bit & 1)
 
-    # -- DeviceHooks: the device reaches the front-end ---------------------------
+    # -- InterruptSink: the device reaches the front-end ------------------------------
 
-    def notify_used(self, queue_index: int) -> None:
-        fd = self.vrings[queue_index].call_fd
+    def queue_interrupt(self, queue: int, vector: int) -> None:
+        fd = self.vrings[queue].call_fd
         if fd is not None:
             self.host.signal(fd)
 
-    def notify_config(self) -> None:
+    def config_interrupt(self, vector: int) -> None:
         if self.backend_fd is not None and self._has_protocol(P.CONFIG):
             self.host.send_backend_request(
                 self.backend_fd, Message(BackendRequest.CONFIG_CHANGE_MSG)
             )
-        if self.device.status & S.DEVICE_NEEDS_RESET:
+        if self.registers.status & S.DEVICE_NEEDS_RESET:
             for vring in self.vrings:
                 if vring.err_fd is not None:
                     self.host.signal(vring.err_fd)
@@ -242,12 +252,16 @@ class BackendSession(DeviceHooks):
                 log.debug("%s asks for a reply without REPLY_ACK", request.name)
             reply: Message | None = handler(msg)
         except (VhostUserError, SpecViolation) as err:
-            self._close_fds(fds)
             if msg.need_reply and self._has_protocol(P.REPLY_ACK) and msg.request not in _HAS_REPLY:
                 log.warning("%s failed: %s", msg.name(), err)
                 return [reply_to(msg, U64.struct.pack(1))]
             raise
-        self._close_fds(fds)
+        except Exception as err:
+            # A bug, or an input no check foresaw: the state may be half-changed, so
+            # no ack; the adapter drops the connection. KeyboardInterrupt passes.
+            raise VhostUserError(f"{msg.name()}: {one_line(err)}") from err
+        finally:
+            self._close_fds(fds)
         if reply is not None:
             return [reply]
         if msg.need_reply and self._has_protocol(P.REPLY_ACK):
@@ -300,15 +314,25 @@ class BackendSession(DeviceHooks):
         self.features = value
         self.features_set = True
         virtio = value & ~(1 << F_PROTOCOL_FEATURES | 1 << F_LOG_ALL)
-        device = self.device
-        device.reset()
-        device.attach_memory(self.memory)
-        device.write_status(S.ACKNOWLEDGE)
-        device.write_status(S.ACKNOWLEDGE | S.DRIVER)
-        device.write_driver_features(virtio)
-        device.write_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK)
-        if not device.status & S.FEATURES_OK:
-            raise VhostUserError(f"device refused features {virtio:#x}")
+        # A guest that did not take VIRTIO_F_VERSION_1 drives the legacy interface
+        # (a transitional device through its legacy I/O BAR), in its own byte order:
+        # little-endian here (cross-endian rings need SET_VRING_ENDIAN, refused).
+        legacy = not virtio >> F.VIRTIO_F_VERSION_1 & 1
+        interface = Interface.LEGACY if legacy else Interface.MODERN
+        if legacy:
+            log.info("the guest drives the legacy interface (no VIRTIO_F_VERSION_1)")
+        regs = self.registers
+        regs.use_interface(interface)
+        for status in path(interface, Phase.DRIVER):
+            regs.status = status
+        regs.write_driver_features(virtio)
+        if not legacy:
+            *_, status = path(interface, Phase.FEATURES_OK)
+            regs.status = status
+            if not regs.status & S.FEATURES_OK:
+                raise VhostUserError(f"device refused features {virtio:#x}")
+        if regs.status & S.DEVICE_NEEDS_RESET:
+            raise VhostUserError(f"device refused features {virtio:#x}: {regs.needs_reset_reason}")
 
     def _on_get_protocol_features(self, msg: Message) -> Message:
         self._no_fds(msg)
@@ -350,29 +374,52 @@ class BackendSession(DeviceHooks):
 
     # memory -------------------------------------------------------------------------------
 
-    def _check_region(self, guest_addr: int, size: int, user_addr: int, mmap_offset: int) -> None:
+    def _check_region(
+        self, what: str, guest_addr: int, size: int, user_addr: int, mmap_offset: int
+    ) -> None:
+        """Refuse a region no mapping could honour, before anything is mapped."""
+        where = f"{what}: memory region at guest {guest_addr:#x}"
         if size == 0:
-            raise VhostUserError("memory region of size 0")
-        for value, what in ((guest_addr, "guest"), (user_addr, "user"), (mmap_offset, "offset")):
+            raise VhostUserError(f"{where} has size 0")
+        if size >= _FILE_OFFSET_LIMIT:
+            raise VhostUserError(f"{where}: size {size:#x} is 2^63 or more")
+        if mmap_offset + size > _FILE_OFFSET_LIMIT:
+            # mmap offsets are signed 64-bit file offsets (off_t).
+            raise VhostUserError(
+                f"{where}: mmap offset {mmap_offset:#x} + size {size:#x} ends beyond 2^63"
+            )
+        for value, name in ((guest_addr, "guest"), (user_addr, "user")):
             if value + size > 1 << 64:
-                raise VhostUserError(f"memory region {what} range wraps around")
+                raise VhostUserError(f"{where}: {name} range {value:#x}+{size:#x} wraps past 2^64")
         for r in self.regions:
             if guest_addr < r.guest_addr + r.size and r.guest_addr < guest_addr + size:
-                raise VhostUserError(f"memory region at guest {guest_addr:#x} overlaps another")
+                raise VhostUserError(f"{where} overlaps another (guest {r.guest_addr:#x})")
             if user_addr < r.user_addr + r.size and r.user_addr < user_addr + size:
-                raise VhostUserError(f"memory region at user {user_addr:#x} overlaps another")
+                raise VhostUserError(
+                    f"{what}: memory region at user {user_addr:#x} overlaps another"
+                )
 
-    def _add_region(self, fd: int, guest_addr: int, size: int, user_addr: int, offset: int) -> None:
+    def _add_region(
+        self, what: str, fd: int, guest_addr: int, size: int, user_addr: int, offset: int
+    ) -> None:
         # The fd is closed whatever happens: the mapping keeps the memory.
         try:
-            self._check_region(guest_addr, size, user_addr, offset)
-            buffer = self.host.map(fd, size, offset)
-        except (OSError, ValueError) as err:
-            raise VhostUserError(f"cannot map memory region: {err}") from err
+            self._check_region(what, guest_addr, size, user_addr, offset)
+            try:
+                buffer = self.host.map(fd, size, offset)
+            except Exception as err:
+                raise VhostUserError(
+                    f"{what}: cannot map region at guest {guest_addr:#x} "
+                    f"(size {size:#x}, mmap offset {offset:#x}): {one_line(err)}"
+                ) from err
         finally:
             self.host.close(fd)
+        try:
+            self.memory.add(guest_addr, buffer, name=f"region@{guest_addr:#x}")
+        except BaseException:
+            self.host.unmap(buffer)
+            raise
         self.regions.append(Region(guest_addr, size, user_addr, offset, buffer))
-        self.memory.add(guest_addr, buffer, name=f"region@{guest_addr:#x}")
 
     def _on_set_mem_table(self, msg: Message) -> None:
         payload = msg.payload
@@ -401,18 +448,12 @@ class BackendSession(DeviceHooks):
         for v in running:
             self._stop(v)
         self._drop_memory()
-        fds = list(msg.fds)
-        msg.fds.clear()  # ours now: each is closed once mapped (or on error)
         try:
-            for fd, (guest_addr, size, user_addr, offset) in zip(fds, entries, strict=True):
-                fds_left = fds[fds.index(fd) + 1 :]
-                try:
-                    self._add_region(fd, guest_addr, size, user_addr, offset)
-                except VhostUserError:
-                    for rest in fds_left:
-                        self.host.close(rest)
-                    raise
-        except VhostUserError:
+            for guest_addr, size, user_addr, offset in entries:
+                # Taken one by one: handle() closes the ones left if a region fails.
+                fd = msg.fds.pop(0)
+                self._add_region(msg.name(), fd, guest_addr, size, user_addr, offset)
+        except BaseException:
             self._drop_memory()
             raise
         for v in running:
@@ -427,7 +468,7 @@ class BackendSession(DeviceHooks):
         if len(self.regions) >= MAX_MEM_SLOTS:
             self.host.close(fd)
             raise VhostUserError(f"ADD_MEM_REG: all {MAX_MEM_SLOTS} memory slots are used")
-        self._add_region(fd, guest_addr, size, user_addr, offset)
+        self._add_region(msg.name(), fd, guest_addr, size, user_addr, offset)
 
     def _on_rem_mem_reg(self, msg: Message) -> None:
         self._require(P.CONFIGURE_MEM_SLOTS, msg)
@@ -576,7 +617,7 @@ class BackendSession(DeviceHooks):
                 self.kick(index)
 
     def _ring_state(self, vring: Vring) -> int:
-        q = self.device.queues[vring.index].ring
+        q = self.registers.device_queue(vring.index)
         if isinstance(q, SplitDeviceQueue):
             return q.last_avail
         if isinstance(q, PackedDeviceQueue):
@@ -600,15 +641,18 @@ class BackendSession(DeviceHooks):
         desc = self.user_to_guest(vring.desc, desc_len)
         driver = self.user_to_guest(vring.avail, driver_len)
         devarea = self.user_to_guest(vring.used, device_len)
-        device = self.device
-        if not device.status & S.DRIVER_OK:
-            device.write_status(device.status | S.DRIVER_OK)
-        device.configure_queue(vring.index, size=num, desc=desc, driver=driver, device=devarea)
-        device.enable_queue(vring.index)
-        q = device.queues[vring.index].ring
+        regs = self.registers
+        if not regs.status & S.DRIVER_OK:
+            *_, live = path(regs.interface, Phase.LIVE)
+            regs.status = live
+        regs.queue_select = vring.index
+        regs.queue_size = num
+        regs.queue_desc, regs.queue_driver, regs.queue_device = desc, driver, devarea
+        regs.queue_enable = 1
+        q = regs.device_queue(vring.index)
         if q is None:
             raise VhostUserError(
-                f"ring {vring.index} could not start: {device.needs_reset_reason or 'unknown'}"
+                f"ring {vring.index} could not start: {regs.needs_reset_reason or 'unknown'}"
             )
         if isinstance(q, SplitDeviceQueue):
             q.set_base(vring.base & 0xFFFF)
@@ -628,9 +672,7 @@ class BackendSession(DeviceHooks):
             log.info(
                 "ring %d: serving %d requests again after a restart", vring.index, len(resubmit)
             )
-            q.push_many([(chain, device.handle_chain(vring.index, chain)) for chain in resubmit])
-            if q.needs_notify():
-                self.notify_used(vring.index)
+            regs.resubmit(vring.index, resubmit)
 
     def _attach_inflight(
         self, vring: Vring, q: SplitDeviceQueue | PackedDeviceQueue
@@ -659,9 +701,11 @@ class BackendSession(DeviceHooks):
     def _stop(self, vring: Vring) -> None:
         if not vring.started:
             return
+        # Requests still in flight complete first: the base reported must cover them.
+        self.registers.drain_queue(vring.index)
         vring.base = self._ring_state(vring)
         vring.started = False
-        self.device.queues[vring.index].clear()
+        self.registers.stop_queue(vring.index)
 
     def kick(self, index: int) -> None:
         """The ring's kick fd fired (or a poll is due): serve what is available."""
@@ -669,15 +713,7 @@ class BackendSession(DeviceHooks):
         if not vring.started:
             self._maybe_start(vring)
         if vring.started and vring.enabled:
-            logging_on = self.logging
-            if logging_on:
-                self.device.handle_chain = self._logged_handle  # type: ignore[method-assign]
-            try:
-                self.device.process_queue(index)
-            finally:
-                if logging_on:
-                    del self.device.handle_chain
-                    self._log_used_ring(vring)
+            self.registers.notify(queue=index)
 
     # dirty-page logging (VHOST_F_LOG_ALL, for live migration) ------------------------------
 
@@ -701,17 +737,20 @@ class BackendSession(DeviceHooks):
         if self.log_fd is not None:
             self.host.signal(self.log_fd)
 
-    def _logged_handle(self, queue_index: int, chain: Chain) -> int:
-        written = type(self.device).handle_chain(self.device, queue_index, chain)
-        remaining = written
-        for piece in chain.writable:
-            if remaining <= 0:
-                break
-            gpa = self._gpa_of(piece)
-            if gpa is not None:
-                self.mark_dirty(gpa, min(piece.nbytes, remaining))
-            remaining -= piece.nbytes
-        return written
+    def _log_used(self, queue_index: int, items: Sequence[tuple[Chain, int]]) -> None:
+        """The device returned buffers: log the bytes it wrote and the ring it wrote to."""
+        if not self.logging:
+            return
+        for chain, written in items:
+            remaining = written
+            for piece in chain.writable:
+                if remaining <= 0:
+                    break
+                gpa = self._gpa_of(piece)
+                if gpa is not None:
+                    self.mark_dirty(gpa, min(piece.nbytes, remaining))
+                remaining -= piece.nbytes
+        self._log_used_ring(self.vrings[queue_index])
 
     def _gpa_of(self, view: memoryview) -> int | None:
         address = _address_of(view)
@@ -742,7 +781,7 @@ class BackendSession(DeviceHooks):
             # A zero-length reply is the protocol's way to say the request failed.
             log.warning("GET_CONFIG: bad size %d (payload %d bytes)", size, len(msg.payload))
             return reply_to(msg, b"")
-        data = self.device.read_config(offset, size)
+        data = self.registers.read_config(offset, size)
         return reply_to(msg, CONFIG_HEADER.struct.pack(offset, size, flags) + data)
 
     def _on_set_config(self, msg: Message) -> None:
@@ -754,9 +793,9 @@ class BackendSession(DeviceHooks):
         if size > MAX_CONFIG_SIZE or len(msg.payload) != CONFIG_HEADER.size + size:
             raise VhostUserError(f"SET_CONFIG: bad size {size}")
         data = msg.payload[CONFIG_HEADER.size :]
-        if offset + size > len(self.device.config):
+        if offset + size > self.registers.config_size:
             raise VhostUserError(f"SET_CONFIG: {offset}+{size} outside the config space")
-        self.device.write_config(offset, data)
+        self.registers.write_config(offset, data)
 
     def _on_set_backend_req_fd(self, msg: Message) -> None:
         self._require(P.BACKEND_REQ, msg)
@@ -778,7 +817,7 @@ class BackendSession(DeviceHooks):
     def _on_get_status(self, msg: Message) -> Message:
         self._no_fds(msg)
         self._require(P.STATUS, msg)
-        return self._u64_reply(msg, self.status | (self.device.status & S.DEVICE_NEEDS_RESET))
+        return self._u64_reply(msg, self.status | (self.registers.status & S.DEVICE_NEEDS_RESET))
 
     def _on_reset_device(self, msg: Message) -> None:
         self._no_fds(msg)
@@ -791,8 +830,7 @@ class BackendSession(DeviceHooks):
             vring.base = 0
             vring.enabled = False
         self.features_set = False
-        self.device.reset()
-        self.device.attach_memory(self.memory)
+        self.registers.status = 0
 
     # inflight and logging -------------------------------------------------------------------
 
@@ -821,10 +859,12 @@ class BackendSession(DeviceHooks):
             self.host.close(fd)
             raise VhostUserError(f"SET_INFLIGHT_FD: {size} bytes for {num_queues}x{queue_size}")
         try:
+            if size >= 1 << 63 or offset + size > 1 << 63:
+                raise ValueError(f"size {size:#x} at offset {offset:#x} cannot be mapped")
             buffer = self.host.map(fd, size, offset)
-        except (OSError, ValueError) as err:
+        except Exception as err:  # the fd is ours: close it whatever the failure
             self.host.close(fd)
-            raise VhostUserError(f"SET_INFLIGHT_FD: cannot map: {err}") from err
+            raise VhostUserError(f"SET_INFLIGHT_FD: cannot map: {one_line(err)}") from err
         self._set_inflight(fd, buffer, queue_size)
 
     def _set_inflight(self, fd: int, buffer: Buffer, queue_size: int) -> None:
@@ -883,4 +923,5 @@ class BackendSession(DeviceHooks):
             self.host.unmap(self.log)
             self.log = None
         self._drop_memory()
-        self.device.reset()
+        self.registers.status = 0
+        self.registers.used_hook = None

@@ -5,9 +5,12 @@ the back-end), talks the protocol over a Unix socket, and presents the
 device to a :class:`~virtio.core.driver.VirtioDriver` exactly like any other
 transport: the driver core runs on top of it unchanged.
 
-The device status register lives here, as it does in a VMM: FEATURES_OK
-sends SET_FEATURES and the memory table, each queue's setup sends its ring,
-and a reset stops every ring with GET_VRING_BASE.
+The device status register lives here, as it does in a VMM, and moves by
+the core's status table (``virtio.core.status``): the step that sets
+FEATURES_OK sends SET_FEATURES and the memory table, each queue's setup
+sends its ring, and a reset stops every ring with GET_VRING_BASE. A status
+write the table refuses is the driver's error, refused here before the
+back-end hears of it.
 """
 
 from __future__ import annotations
@@ -20,17 +23,20 @@ import select
 import socket
 from collections.abc import Callable, Iterator
 
+from virtio.core.status import Action, Interface, StatusViolation, interpret
+from virtio.layout import ByteOrder
 from virtio.memory import Allocator, GuestMemory, Memory
 from virtio.queue import RingLayout
+from virtio.queue.common import LEGACY_QUEUE_ALIGN
 from virtio.spec.device_ids import DeviceId
-from virtio.spec.status import DeviceStatus as S
-from virtio.vhost_user.io import PeerClosed, recv_message, send_message
+from virtio.transport.blocking import wait_until
+from virtio.vhost_user.io import PeerClosed, recv_chunk, recv_message, send_message
 from virtio.vhost_user.wire import (
     CONFIG_HEADER,
     F_LOG_ALL,
     F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,
-    MAX_PAYLOAD,
+    FLAG_REPLY,
     MEM_REGION,
     MEM_TABLE_HEADER,
     VERSION,
@@ -76,6 +82,11 @@ def _nothing_config() -> None:
 class VhostUserFrontend:
     """A DriverTransport that reaches a device through a vhost-user back-end."""
 
+    # The front-end presents the modern interface (VIRTIO_F_VERSION_1).
+    legacy = False
+    legacy_order: ByteOrder = "little"
+    queue_align = LEGACY_QUEUE_ALIGN
+
     def __init__(
         self,
         path: str,
@@ -110,6 +121,8 @@ class VhostUserFrontend:
         self.driver_features = 0
         self.protocol = 0
         self.backend_sock: socket.socket | None = None
+        # One decoder per back-end request channel: a message may arrive in pieces.
+        self._backend_decoder: Decoder | None = None
         self._used_handler: Callable[[int], None] = _nothing
         self._config_handler: Callable[[], None] = _nothing_config
         self.kick_fds: dict[int, int] = {}
@@ -188,6 +201,7 @@ class VhostUserFrontend:
         if self.protocol >> P.BACKEND_REQ & 1:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             self.backend_sock = ours
+            self._backend_decoder = Decoder()
             self.poller.register(ours.fileno(), select.EPOLLIN)
             try:
                 self._tell(Message(Request.SET_BACKEND_REQ_FD, fds=[theirs.fileno()]))
@@ -200,17 +214,21 @@ class VhostUserFrontend:
         return self.status
 
     def write_status(self, value: int) -> None:
-        if value == 0:
+        try:
+            write = interpret(Interface.MODERN, self.status, value)
+        except StatusViolation as err:
+            raise VhostUserError(f"status {value:#x}: {err.reason} [{err.normative}]") from err
+        if write.reset:
             self._reset()
             return
-        added = value & ~self.status
-        self.status = value
-        if added & S.FEATURES_OK:
-            wire = self.driver_features
-            if self.backend_features >> F_PROTOCOL_FEATURES & 1:
-                wire |= 1 << F_PROTOCOL_FEATURES
-            self._tell(u64_message(Request.SET_FEATURES, wire))
-            self._send_mem_table()
+        for step in write.steps:
+            if step.action is Action.NEGOTIATE:
+                wire = self.driver_features
+                if self.backend_features >> F_PROTOCOL_FEATURES & 1:
+                    wire |= 1 << F_PROTOCOL_FEATURES
+                self._tell(u64_message(Request.SET_FEATURES, wire))
+                self._send_mem_table()
+        self.status = value & 0xFF
 
     def _send_mem_table(self) -> None:
         regions = self.guest.regions
@@ -313,6 +331,9 @@ class VhostUserFrontend:
         self._used_handler = used
         self._config_handler = config
 
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        return wait_until(predicate, timeout, self.wait_interrupt)
+
     def wait_interrupt(self, timeout: float | None) -> bool:
         """Wait for a call eventfd or a back-end request; False on timeout."""
         events = self.poller.poll(-1 if timeout is None else timeout)
@@ -345,20 +366,60 @@ class VhostUserFrontend:
                 raise VhostUserError("back-end closed the connection")
 
     def _backend_request(self) -> None:
-        assert self.backend_sock is not None
-        data = self.backend_sock.recv(MAX_PAYLOAD + 64)
-        if not data:
-            self.poller.unregister(self.backend_sock.fileno())
-            self.backend_sock.close()
-            self.backend_sock = None
-            return
-        for msg in Decoder().feed(data):
-            if msg.request == BackendRequest.CONFIG_CHANGE_MSG:
-                self._generation += 1
-                self._config_handler()
-            if msg.need_reply:
-                reply = Message(msg.request, (0).to_bytes(8, "little"), VERSION | 4)
-                self.backend_sock.sendall(encode(reply))
+        """Serve the next back-end request, or buffer what has arrived of it so far."""
+        sock, decoder = self.backend_sock, self._backend_decoder
+        assert sock is not None and decoder is not None
+        while True:
+            # Header first, then payload (as recv_message does), without blocking: what
+            # has arrived of a message waits in the channel's decoder for the rest.
+            try:
+                data, fds = recv_chunk(sock, decoder.needed, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except (OSError, VhostUserError) as err:
+                log.warning("back-end request channel: %s; closing it", err)
+                self._close_backend_channel()
+                return
+            try:
+                messages = list(decoder.feed(data, fds))
+            except VhostUserError as err:
+                log.warning("back-end request channel: %s; closing it", err)
+                self._close_backend_channel()
+                return
+            if not data:
+                if decoder.pending_bytes:
+                    log.warning("back-end request channel closed mid-message")
+                self._close_backend_channel()
+                return
+            for msg in messages:
+                try:
+                    self._serve_backend_request(sock, msg)
+                except OSError as err:
+                    log.warning("back-end request channel: cannot reply: %s; closing it", err)
+                    self._close_backend_channel()
+                # One message per wake-up bounds the work; epoll reports the rest.
+                return
+
+    def _serve_backend_request(self, sock: socket.socket, msg: Message) -> None:
+        for fd in msg.fds:  # no fd-passing feature is negotiated on this channel
+            os.close(fd)
+        if msg.request == BackendRequest.CONFIG_CHANGE_MSG:
+            self._generation += 1
+            self._config_handler()
+        if msg.need_reply:
+            reply = Message(msg.request, (0).to_bytes(8, "little"), VERSION | FLAG_REPLY)
+            sock.sendall(encode(reply))
+
+    def _close_backend_channel(self) -> None:
+        sock, decoder = self.backend_sock, self._backend_decoder
+        self.backend_sock = self._backend_decoder = None
+        if decoder is not None:
+            for fd in decoder.reset():
+                os.close(fd)
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.poller.unregister(sock.fileno())
+            sock.close()
 
     # -- teardown ---------------------------------------------------------------------------
 
@@ -382,8 +443,7 @@ class VhostUserFrontend:
                 os.close(fd)
         self.kick_fds.clear()
         self.call_fds.clear()
-        if self.backend_sock is not None:
-            self.backend_sock.close()
+        self._close_backend_channel()
         self.poller.close()
         self.sock.close()
         os.close(self.memfd)

@@ -3,8 +3,16 @@
 :class:`VhostUserServer` listens on a socket path, serves one front-end
 connection at a time with a :class:`~virtio.vhost_user.backend.BackendSession`,
 and keeps listening when that front-end goes away, so a VM can reconnect
-(QEMU ``reconnect=1``) or a new one can attach. A broken message from one
-front-end closes that connection with a log line; the server goes on.
+(QEMU ``reconnect=1``) or a new one can attach. Whatever goes wrong while
+serving one front-end (a broken message, a message no check foresaw, a bug
+in the device model while serving a kick) closes that connection with a
+one-line log, releases everything the session held, and the server goes on
+to the next front-end. Only KeyboardInterrupt and SystemExit stop it.
+
+The same epoll loop is the device model's host: the file descriptors and
+timers the device asks for (``device.events``: a worker pool's completion
+eventfd, a rate limiter's timer) are watched and fired here, with the
+loop's clock passed in.
 """
 
 from __future__ import annotations
@@ -17,14 +25,15 @@ import os
 import select
 import socket
 import threading
+import time
 from pathlib import Path
 
 from virtio.core.device import VirtioDevice
-from virtio.errors import SpecViolation
+from virtio.errors import VirtioError
 from virtio.memory import Buffer
 from virtio.vhost_user.backend import BackendSession
 from virtio.vhost_user.io import PeerClosed, recv_message, send_message
-from virtio.vhost_user.wire import Message, VhostUserError, encode
+from virtio.vhost_user.wire import Message, encode, one_line
 
 log = logging.getLogger("virtio.vhost_user.server")
 
@@ -147,44 +156,115 @@ class VhostUserServer:
                 ready, _, _ = select.select([self.listener], [], [], 0.2)
                 if not ready:
                     continue
-                conn, _ = self.listener.accept()
+                try:
+                    conn, _ = self.listener.accept()
+                except OSError as err:  # e.g. out of fds: retry shortly
+                    log.warning("cannot accept a front-end: %s", err)
+                    self.stop_event.wait(0.1)
+                    continue
                 self.connections += 1
                 log.info("front-end connected (connection %d)", self.connections)
                 with conn:
-                    self._serve_connection(conn)
+                    try:
+                        self._serve_connection(conn)
+                    except Exception as err:  # not BaseException: ^C and exit still stop us
+                        _log_failure(f"connection {self.connections} failed", err)
                 log.info("front-end disconnected; waiting for the next one")
         finally:
             self.close()
 
     def _serve_connection(self, conn: socket.socket) -> None:
-        poller = select.epoll()
-        host = OsHost(poller)
-        session = BackendSession(self.device, host)
-        conn.setblocking(False)
-        poller.register(conn.fileno(), select.EPOLLIN)
+        with select.epoll() as poller:
+            host = OsHost(poller)
+            session = BackendSession(self.device, host)
+            try:
+                conn.setblocking(False)
+                poller.register(conn.fileno(), select.EPOLLIN)
+                self._serve_session(conn, session, host, poller)
+            except Exception as err:
+                _log_failure("closing the connection", err)
+            finally:
+                self._release(session)
+
+    def _serve_session(
+        self, conn: socket.socket, session: BackendSession, host: OsHost, poller: select.epoll
+    ) -> None:
+        """Serve one front-end until it goes away or must be dropped."""
+        events = self.device.events
+        watched: set[int] = set()
+
+        def sync_device_fds() -> None:
+            wanted = set(events.fds)
+            for fd in watched - wanted:
+                with contextlib.suppress(OSError, ValueError):
+                    poller.unregister(fd)
+            for fd in wanted - watched:
+                poller.register(fd, select.EPOLLIN)
+            watched.clear()
+            watched.update(wanted)
+
+        events.add_listener(sync_device_fds)
+        sync_device_fds()
         try:
             while not self.stop_event.is_set():
                 timeout = _POLL_INTERVAL if host.polled else 0.2
-                events = poller.poll(timeout)
-                for fd, _mask in events:
+                deadline = events.next_deadline(time.monotonic())
+                if deadline is not None:
+                    timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+                for fd, _mask in poller.poll(timeout):
                     if fd == conn.fileno():
                         if not self._read_messages(conn, session):
                             return
                     elif fd in host.kick_fds:
                         with contextlib.suppress(BlockingIOError):
                             os.read(fd, 8)
-                        self._kick(session, host.kick_fds[fd])
+                        if not self._kick(session, host.kick_fds[fd]):
+                            return
+                    elif fd in watched and not self._device_event(fd):
+                        return
                 for index in list(host.polled):
-                    self._kick(session, index)
-        except (VhostUserError, SpecViolation) as err:
-            log.error("closing the connection: %s", err)
+                    if not self._kick(session, index):
+                        return
+                if deadline is not None and not self._device_event(None):
+                    return
         finally:
-            session.close()
-            poller.close()
-            self._flush()
+            events.remove_listener(sync_device_fds)
+            for fd in watched:
+                with contextlib.suppress(OSError, ValueError):
+                    poller.unregister(fd)
 
-    def _kick(self, session: BackendSession, index: int) -> None:
-        session.kick(index)
+    def _device_event(self, fd: int | None) -> bool:
+        """Serve a device fd that became readable (None: the due timers); False to drop."""
+        events = self.device.events
+        try:
+            if fd is None:
+                events.run_due(time.monotonic())
+            else:
+                events.fd_ready(fd, time.monotonic())
+        except Exception as err:
+            _log_failure("the device failed serving its own event, closing the connection", err)
+            return False
+        return True
+
+    def _release(self, session: BackendSession) -> None:
+        # Runs after any failure: a second one must not take the server down.
+        try:
+            session.close()
+        except Exception as err:
+            _log_failure("cannot release the connection's resources", err)
+        try:
+            self._flush()
+        except Exception as err:
+            _log_failure("cannot flush the device", err)
+
+    def _kick(self, session: BackendSession, index: int) -> bool:
+        """Serve ring ``index``; False when the connection should close."""
+        try:
+            session.kick(index)
+        except Exception as err:
+            _log_failure(f"ring {index}: serving a kick failed, closing the connection", err)
+            return False
+        return True
 
     def _read_messages(self, conn: socket.socket, session: BackendSession) -> bool:
         """Handle every message waiting on the connection; False when it should close."""
@@ -203,25 +283,43 @@ class VhostUserServer:
             conn.settimeout(5.0)
             try:
                 msg = recv_message(conn)
-            except PeerClosed:
+            except PeerClosed as err:
+                if str(err) != "connection closed":
+                    log.info("front-end went away: %s", err)
                 return False
-            except (VhostUserError, OSError) as err:
-                log.error("unreadable message from the front-end: %s", err)
+            except Exception as err:
+                _log_failure("unreadable message from the front-end", err)
                 return False
             log.debug("<- %s %s (%d fds)", msg.name(), msg.payload.hex(), len(msg.fds))
             try:
                 replies = session.handle(msg)
-            except (VhostUserError, SpecViolation) as err:
-                log.error("front-end sent a bad %s: %s", msg.name(), err)
+            except Exception as err:
+                _log_failure(f"front-end sent a bad {msg.name()}", err, msg.name())
                 return False
             try:
                 for reply in replies:
                     send_message(conn, reply)
             except OSError as err:
-                log.info("cannot reply: %s", err)
+                log.info("cannot reply to %s: %s", msg.name(), err)
+                return False
+            except Exception as err:
+                _log_failure(f"cannot reply to {msg.name()}", err)
                 return False
 
     def _flush(self) -> None:
-        flush = getattr(self.device, "flush_backend", None)
-        if callable(flush):
-            flush()
+        self.device.flush_backend()
+
+
+def _log_failure(what: str, err: Exception, name: str = "") -> None:
+    """One error line, ``what: reason``; the full traceback of the cause at debug level.
+
+    A reason that begins with the message's ``name`` (as the session's do) is not
+    made to repeat it.
+    """
+    reason = one_line(err)
+    if name and reason.startswith(f"{name}: "):
+        reason = reason[len(name) + 2 :]
+    log.error("%s: %s", what, reason)
+    cause = err.__cause__ if isinstance(err, VirtioError) else err
+    if cause is not None:
+        log.debug("the cause, in full:", exc_info=cause)

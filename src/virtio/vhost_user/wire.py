@@ -222,24 +222,46 @@ def reply_to(msg: Message, payload: bytes, fds: Sequence[int] = ()) -> Message:
     return Message(msg.request, payload, VERSION | FLAG_REPLY, list(fds))
 
 
+def one_line(err: BaseException) -> str:
+    """An exception as one log-friendly line: its type (unless ours) and its text."""
+    text = " ".join(str(err).split()) or "(no details)"
+    if isinstance(err, VirtioError):
+        return text
+    return f"{type(err).__name__}: {text}"
+
+
 class Decoder:
-    """Frames a byte stream into messages; fds attach to the message they came with."""
+    """Frames a byte stream into messages; fds attach to the message they came with.
+
+    All the framing checks (protocol version, payload size) live here. A
+    reader that wants every fd kept with its own message reads
+    :attr:`needed` bytes at a time: the rest of the current header, then
+    the rest of its payload. The kernel hands a message's fds over with the
+    first read that touches its bytes, and such reads never reach into the
+    next message.
+
+    After :meth:`feed` raises, the stream is unusable: :meth:`take_fds`
+    returns the fds not handed out (the caller closes them).
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._fds: list[int] = []
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> Iterator[Message]:
-        # Ancillary fds arrive with the first byte of their message: they belong to the
-        # message that starts in (or continues into) this chunk.
+        """Buffer ``data`` and its ancillary ``fds``; iterate for the messages completed.
+
+        Fds belong to the message that starts in (or continues into) this
+        chunk. The data and fds are taken at once; bad headers raise
+        :class:`VhostUserError` while iterating.
+        """
         self._buf += data
         self._fds.extend(fds)
+        return self._messages()
+
+    def _messages(self) -> Iterator[Message]:
         while len(self._buf) >= HEADER.size:
-            request, flags, size = HEADER.struct.unpack_from(self._buf, 0)
-            if flags & 0x3 != VERSION:
-                raise VhostUserError(f"bad protocol version {flags & 0x3} in message {request}")
-            if size > MAX_PAYLOAD:
-                raise VhostUserError(f"payload of {size} bytes in message {request} is too big")
+            request, flags, size = self._header()
             end = HEADER.size + size
             if len(self._buf) < end:
                 return
@@ -247,6 +269,30 @@ class Decoder:
             del self._buf[:end]
             fds_now, self._fds = self._fds, []
             yield Message(request, payload, flags, fds_now)
+
+    def _header(self) -> tuple[int, int, int]:
+        request, flags, size = HEADER.struct.unpack_from(self._buf, 0)
+        if flags & 0x3 != VERSION:
+            raise VhostUserError(f"bad protocol version {flags & 0x3} in message {request}")
+        if size > MAX_PAYLOAD:
+            raise VhostUserError(
+                f"payload of {size} bytes in message {request} is too big (at most {MAX_PAYLOAD})"
+            )
+        return int(request), int(flags), int(size)
+
+    @property
+    def needed(self) -> int:
+        """Bytes still missing from the current header, or else from its payload.
+
+        12 on a fresh stream; 0 only when a whole message is buffered but not
+        yet taken (iterate :meth:`feed` to get it). Reading exactly this many
+        bytes never crosses into the next message.
+        """
+        buffered = len(self._buf)
+        if buffered < HEADER.size:
+            return HEADER.size - buffered
+        _request, _flags, size = self._header()
+        return max(0, HEADER.size + size - buffered)
 
     @property
     def pending_bytes(self) -> int:
@@ -256,3 +302,8 @@ class Decoder:
         """Fds not yet handed out (the caller closes them on error)."""
         fds, self._fds = self._fds, []
         return fds
+
+    def reset(self) -> list[int]:
+        """Forget any partial message; returns its fds for the caller to close."""
+        self._buf.clear()
+        return self.take_fds()

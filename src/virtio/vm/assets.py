@@ -116,7 +116,14 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 mount -t tmpfs tmp /tmp
-for m in $(cat /etc/pyvirtio-modules); do insmod /lib/pyvirtio/$m.ko 2>/dev/null; done
+# Module parameters come from the kernel command line as module.param=value.
+for m in $(cat /etc/pyvirtio-modules); do
+  params=""
+  for arg in $(cat /proc/cmdline); do
+    case "$arg" in "$m".*=*) params="$params ${arg#"$m".}";; esac
+  done
+  insmod /lib/pyvirtio/$m.ko $params 2>/dev/null
+done
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     pyvirtio.hostfs=*) mkdir -p /run; mount -t hostfs none /run -o "${arg#pyvirtio.hostfs=}";;

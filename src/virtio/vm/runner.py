@@ -86,9 +86,10 @@ def qemu_command(
     memory_mb: int = 512,
     smp: int = 1,
     host_share: bool = False,
+    kernel_args: Sequence[str] = (),
 ) -> list[str]:
     mmio = transport == "mmio"
-    append = "console=ttyS0 rdinit=/init panic=-1 quiet loglevel=3"
+    append = " ".join(["console=ttyS0 rdinit=/init panic=-1 quiet loglevel=3", *kernel_args])
     if host_share:
         append += " pyvirtio.host9p"
     machine = "microvm,acpi=on" if mmio else "q35"
@@ -158,6 +159,7 @@ def uml_command(
     run_dir: Path,
     memory_mb: int = 256,
     host_share: bool = False,
+    kernel_args: Sequence[str] = (),
 ) -> list[str]:
     cmd = [
         str(assets.uml),
@@ -169,6 +171,7 @@ def uml_command(
         "con=null",
         "con0=fd:0,fd:1",
         "quiet",
+        *kernel_args,
     ]
     if host_share:
         cmd.append("pyvirtio.hostroot=1")
@@ -206,8 +209,13 @@ def run_guest(
     smp: int = 1,
     log_path: Path | None = None,
     assets: GuestAssets | None = None,
+    kernel_args: Sequence[str] = (),
 ) -> GuestResult:
-    """Boot a guest, run ``script`` in it, return what happened."""
+    """Boot a guest, run ``script`` in it, return what happened.
+
+    ``kernel_args`` go on the kernel command line; ``module.param=value`` ones
+    also reach the virtio modules the guest loads (e.g. ``virtio_pci.force_legacy=1``).
+    """
     assets = assets or prepare()
     with tempfile.TemporaryDirectory(prefix="pyvirtio-guest-") as tmp:
         run_dir = Path(tmp)
@@ -221,11 +229,17 @@ def run_guest(
                 memory_mb=memory_mb or 512,
                 smp=smp,
                 host_share=host_share,
+                kernel_args=kernel_args,
             )
         else:
             (run_dir / "test.sh").write_text(script)
             cmd = uml_command(
-                assets, disks, run_dir=run_dir, memory_mb=memory_mb or 256, host_share=host_share
+                assets,
+                disks,
+                run_dir=run_dir,
+                memory_mb=memory_mb or 256,
+                host_share=host_share,
+                kernel_args=kernel_args,
             )
         out_path = run_dir / "console.log"
         env = dict(os.environ, TMPDIR=tmp)

@@ -1,6 +1,22 @@
 """virtio-blk (device id 2): wire format, device model and driver."""
 
+from virtio.devices.blk import options as _options
 from virtio.devices.blk.device import BlkDevice, BlkOptions
 from virtio.devices.blk.driver import BlkDriver, BlkError, BlkGeometry
+from virtio.devices.registry import DeviceType
+from virtio.spec.device_ids import DeviceId
 
-__all__ = ["BlkDevice", "BlkDriver", "BlkError", "BlkGeometry", "BlkOptions"]
+DEVICE_TYPE = DeviceType(
+    name="blk",
+    device_id=DeviceId.BLOCK,
+    summary="a block device serving a disk image",
+    device=BlkDevice,
+    driver=BlkDriver,
+    add_arguments=_options.add_arguments,
+    from_arguments=_options.from_arguments,
+    example=_options.example,
+    qemu_vhost_user_device="vhost-user-blk-pci",
+    num_queues=lambda args: int(args.num_queues),
+)
+
+__all__ = ["DEVICE_TYPE", "BlkDevice", "BlkDriver", "BlkError", "BlkGeometry", "BlkOptions"]

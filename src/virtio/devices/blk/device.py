@@ -2,7 +2,14 @@
 
 Data moves with ``os.preadv``/``os.pwritev`` straight between the image and
 the guest's buffers: the descriptor views are the I/O vectors, nothing is
-copied in Python.
+copied in Python. Small requests are served inline, in the ring's thread
+(lowest latency); transfers larger than ``BlkOptions.inline_max`` run on
+worker threads (:class:`~virtio.devices.iothreads.IoThreads`), their chains
+deferred and completed in batches, so large reads and writes use both cores
+while the ring keeps being served.
+
+Through a legacy interface the header and the configuration space are in
+the guest's byte order.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from virtio.core.device import RingOptions, VirtioDevice
+from virtio.core.device import DEFERRED, RingOptions, VirtioDevice
 from virtio.devices.blk.wire import (
     BLK_CONFIG,
     BLK_DISCARD_WRITE_ZEROES,
@@ -35,14 +42,14 @@ from virtio.devices.blk.wire import (
     T_SECURE_ERASE,
     T_WRITE_ZEROES,
 )
-from virtio.queue import Chain
+from virtio.devices.iothreads import IoThreads
+from virtio.queue import Chain, ChainReader, ChainWriter
 from virtio.spec import features as F
 from virtio.spec.device_ids import DeviceId
 
 log = logging.getLogger("virtio.blk")
 
-_HDR = BLK_REQ_HEADER.struct
-_SEG = BLK_DISCARD_WRITE_ZEROES.struct
+_SEG_SIZE = BLK_DISCARD_WRITE_ZEROES.size
 _IOV_MAX = 1024
 _ZERO_CHUNK = bytes(1 << 20)
 
@@ -90,6 +97,9 @@ class BlkOptions:
     max_write_zeroes_seg: int = 1
     max_secure_erase_sectors: int = 1 << 22
     max_secure_erase_seg: int = 1
+    #: Threads for transfers larger than ``inline_max`` bytes (0: everything inline).
+    workers: int = 2
+    inline_max: int = 64 << 10
 
 
 class BlkDevice(VirtioDevice):
@@ -114,6 +124,8 @@ class BlkDevice(VirtioDevice):
             raise ValueError("physical block size must be a multiple of the logical one")
         if not 1 <= opts.num_queues <= 0xFFFF:
             raise ValueError("num_queues must be 1..65535")
+        if opts.workers < 0:
+            raise ValueError("workers must be 0 or more")
         self.path = os.fspath(path)
         flags = os.O_RDONLY if opts.read_only else os.O_RDWR
         self.fd = os.open(self.path, flags | os.O_CLOEXEC)
@@ -122,15 +134,28 @@ class BlkDevice(VirtioDevice):
             size = os.lseek(self.fd, 0, os.SEEK_END)  # block devices report size 0 in stat
         self.capacity = size // SECTOR_SIZE
         self.writeback = True
-        self.stats = {"read": 0, "write": 0, "flush": 0, "other": 0, "errors": 0}
+        self.stats = {"read": 0, "write": 0, "flush": 0, "other": 0, "errors": 0, "deferred": 0}
+        self._header = BLK_REQ_HEADER.struct
+        self._segment = BLK_DISCARD_WRITE_ZEROES.struct
         super().__init__(num_queues=opts.num_queues, queue_max_size=queue_max_size, ring=ring)
+        self.io: IoThreads[tuple[int, Chain]] | None = (
+            IoThreads(self.events, opts.workers, self._io_done, name="virtio-blk-io")
+            if opts.workers
+            else None
+        )
 
     def flush_backend(self) -> None:
         """Make every completed write durable (on disconnect and shutdown)."""
         if self.fd >= 0 and not self.options.read_only:
             os.fdatasync(self.fd)
 
+    def describe(self) -> str:
+        ro = ", read-only" if self.options.read_only else ""
+        return f"{self.path}, {self.capacity} sectors{ro}"
+
     def close(self) -> None:
+        if self.io is not None:
+            self.io.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -168,7 +193,7 @@ class BlkDevice(VirtioDevice):
     def build_config(self) -> None:
         o = self.options
         lbs = o.logical_block_size
-        BLK_CONFIG.pack_into(
+        BLK_CONFIG.with_order(self.byteorder).pack_into(
             self.config,
             0,
             capacity=self.capacity,
@@ -191,6 +216,16 @@ class BlkDevice(VirtioDevice):
             secure_erase_sector_alignment=lbs // SECTOR_SIZE,
         )
         self.writeback = True
+
+    def on_reset(self) -> None:
+        order = self.byteorder
+        self._header = BLK_REQ_HEADER.with_order(order).struct
+        self._segment = BLK_DISCARD_WRITE_ZEROES.with_order(order).struct
+
+    def quiesce(self, queue_index: int) -> None:
+        # Requests on worker threads write into guest memory: finish them first.
+        if self.io is not None:
+            self.io.drain()
 
     def on_driver_ok(self) -> None:
         # Without CONFIG_WCE, writeback follows FLUSH: with FLUSH negotiated the
@@ -221,11 +256,11 @@ class BlkDevice(VirtioDevice):
         """Re-read the image size (it was resized) and tell the driver."""
         size = os.fstat(self.fd).st_size
         self.capacity = size // SECTOR_SIZE
-        self.update_config(0, self.capacity.to_bytes(8, "little"))
+        self.update_config(0, self.capacity.to_bytes(8, self.byteorder))
 
     # -- requests ------------------------------------------------------------------
 
-    def handle_chain(self, queue_index: int, chain: Chain) -> int:
+    def handle_chain(self, queue_index: int, chain: Chain) -> int | None:
         if chain.read_len < BLK_REQ_HEADER.size or chain.write_len < 1:
             # Without a header and a status byte there is nothing to answer.
             self.fail(
@@ -234,32 +269,92 @@ class BlkDevice(VirtioDevice):
                 N_BLK_DRV_OP,
             )
             return 0
-        first = chain.readable[0]
-        if first.nbytes >= 16:
-            req_type, _reserved, sector = _HDR.unpack_from(first, 0)
-        else:
-            req_type, _reserved, sector = _HDR.unpack(chain.read(0, 16))
+        reader = ChainReader(chain)
+        req_type, _reserved, sector = reader.read_struct(self._header)
+        assert isinstance(req_type, int) and isinstance(sector, int)
         status_at = chain.write_len - 1
+        writer = ChainWriter(chain)
+        io = self.io
         try:
             if req_type == T_IN:
-                status, written = self._read(chain, sector, status_at)
+                problem = self._refuse_read(chain, sector, status_at)
+                if problem is None and io is not None and status_at > self.options.inline_max:
+                    self.stats["read"] += 1
+                    return self._defer(queue_index, chain, self._reader(writer, sector, status_at))
+                status, written = (
+                    (problem, 0) if problem is not None else self._read(writer, sector, status_at)
+                )
             elif req_type == T_OUT:
-                status, written = self._write(chain, sector), 0
+                nbytes = chain.read_len - BLK_REQ_HEADER.size
+                problem = self._refuse_write(sector, nbytes)
+                if problem is None and io is not None and nbytes > self.options.inline_max:
+                    self.stats["write"] += 1
+                    return self._defer(queue_index, chain, self._writer(reader, sector, nbytes))
+                status = problem if problem is not None else self._write(reader, sector, nbytes)
+                written = 0
             elif req_type == T_FLUSH:
                 status, written = self._flush(), 0
             elif req_type == T_GET_ID:
-                status, written = self._get_id(chain, status_at)
+                status, written = self._get_id(writer, status_at)
             elif req_type in (T_DISCARD, T_WRITE_ZEROES, T_SECURE_ERASE):
-                status, written = self._ranges(chain, req_type), 0
+                status, written = self._ranges(chain, reader, req_type), 0
             else:
                 status, written = S_UNSUPP, 0
         except OSError as err:
             log.warning("blk I/O error: %s", err)
             status, written = S_IOERR, 0
+        return self._answer(chain, status, written)
+
+    def _answer(self, chain: Chain, status: int, written: int) -> int:
+        """Write the status byte (the chain's last writable byte); the length used."""
         if status != S_OK:
             self.stats["errors"] += 1
-        chain.write(bytes((status,)), status_at)
+        last = chain.writable[-1]
+        if last.nbytes:
+            last[-1] = status
+        else:
+            writer = ChainWriter(chain)
+            writer.seek(chain.write_len - 1)
+            writer.write(bytes((status,)))
         return written + 1
+
+    # -- deferred transfers (worker threads) ------------------------------------------
+
+    def _defer(
+        self, queue_index: int, chain: Chain, job: Callable[[], tuple[int, int]]
+    ) -> int | None:
+        assert self.io is not None
+        self.stats["deferred"] += 1  # counted here: workers never touch device state
+        self.io.submit((queue_index, chain), job)
+        return DEFERRED
+
+    def _reader(
+        self, writer: ChainWriter, sector: int, nbytes: int
+    ) -> Callable[[], tuple[int, int]]:
+        views = writer.views(nbytes)
+        return lambda: self._preadv(views, sector, nbytes)
+
+    def _writer(
+        self, reader: ChainReader, sector: int, nbytes: int
+    ) -> Callable[[], tuple[int, int]]:
+        views = reader.views(nbytes)
+        return lambda: self._pwritev(views, sector)
+
+    def _io_done(self, results: list[tuple[tuple[int, Chain], object]]) -> None:
+        by_queue: dict[int, list[tuple[Chain, int]]] = {}
+        for (queue_index, chain), result in results:
+            if isinstance(result, tuple):
+                status, written = result
+            else:
+                log.warning("blk I/O error: %s", result)
+                status, written = S_IOERR, 0
+            by_queue.setdefault(queue_index, []).append(
+                (chain, self._answer(chain, status, written))
+            )
+        for queue_index, items in by_queue.items():
+            self.complete_many(queue_index, items)
+
+    # -- the requests ---------------------------------------------------------------------------
 
     def _bad(self, why: str) -> int:
         log.info("blk request refused: %s [%s]", why, N_BLK_DRV_OP)
@@ -272,17 +367,28 @@ class BlkDevice(VirtioDevice):
             return f"sectors {sector}+{nbytes // SECTOR_SIZE} beyond capacity {self.capacity}"
         return None
 
-    def _read(self, chain: Chain, sector: int, nbytes: int) -> tuple[int, int]:
+    def _refuse_read(self, chain: Chain, sector: int, nbytes: int) -> int | None:
         if chain.read_len != BLK_REQ_HEADER.size:
-            return self._bad("read request carries device-readable data"), 0
+            return self._bad("read request carries device-readable data")
         problem = self._check_range(sector, nbytes)
-        if problem:
-            return self._bad(problem), 0
+        return None if problem is None else self._bad(problem)
+
+    def _refuse_write(self, sector: int, nbytes: int) -> int | None:
+        if self.options.read_only:
+            # MUST be IOERR with no data written when RO is offered.
+            return S_IOERR
+        problem = self._check_range(sector, nbytes)
+        return None if problem is None else self._bad(problem)
+
+    def _read(self, writer: ChainWriter, sector: int, nbytes: int) -> tuple[int, int]:
         self.stats["read"] += 1
         if nbytes == 0:
             return S_OK, 0
+        return self._preadv(writer.views(nbytes), sector, nbytes)
+
+    def _preadv(self, views: list[memoryview], sector: int, nbytes: int) -> tuple[int, int]:
+        # Runs inline or on a worker thread: touches only the image and the views.
         offset = sector * SECTOR_SIZE
-        views = chain.writable_slices(0, nbytes)
         done = 0
         while views:
             batch = views[:_IOV_MAX]
@@ -295,28 +401,25 @@ class BlkDevice(VirtioDevice):
             views = views[_IOV_MAX:]
         return S_OK, nbytes
 
-    def _write(self, chain: Chain, sector: int) -> int:
-        nbytes = chain.read_len - BLK_REQ_HEADER.size
-        if self.options.read_only:
-            # MUST be IOERR with no data written when RO is offered.
-            return S_IOERR
-        problem = self._check_range(sector, nbytes)
-        if problem:
-            return self._bad(problem)
+    def _write(self, reader: ChainReader, sector: int, nbytes: int) -> int:
         self.stats["write"] += 1
-        if nbytes:
-            views = chain.readable_slices(BLK_REQ_HEADER.size, nbytes)
-            offset = sector * SECTOR_SIZE
-            for i in range(0, len(views), _IOV_MAX):
-                batch = views[i : i + _IOV_MAX]
-                want = sum(v.nbytes for v in batch)
-                put = os.pwritev(self.fd, batch, offset)
-                if put != want:
-                    _write_all(self.fd, batch, offset, put)
-                offset += want
+        if nbytes == 0:
+            return S_OK
+        return self._pwritev(reader.views(nbytes), sector)[0]
+
+    def _pwritev(self, views: list[memoryview], sector: int) -> tuple[int, int]:
+        # Runs inline or on a worker thread: touches only the image and the views.
+        offset = sector * SECTOR_SIZE
+        for i in range(0, len(views), _IOV_MAX):
+            batch = views[i : i + _IOV_MAX]
+            want = sum(v.nbytes for v in batch)
+            put = os.pwritev(self.fd, batch, offset)
+            if put != want:
+                _write_all(self.fd, batch, offset, put)
+            offset += want
         if not self.writeback:
             os.fdatasync(self.fd)
-        return S_OK
+        return S_OK, 0
 
     def _flush(self) -> int:
         self.stats["flush"] += 1
@@ -324,15 +427,14 @@ class BlkDevice(VirtioDevice):
             os.fdatasync(self.fd)
         return S_OK
 
-    def _get_id(self, chain: Chain, nbytes: int) -> tuple[int, int]:
+    def _get_id(self, writer: ChainWriter, nbytes: int) -> tuple[int, int]:
         self.stats["other"] += 1
         if nbytes != ID_BYTES:
             return self._bad(f"GET_ID data length {nbytes} (must be 20)"), 0
-        ident = self.options.serial.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
-        chain.write(ident, 0)
+        writer.write(self.options.serial.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0"))
         return S_OK, ID_BYTES
 
-    def _ranges(self, chain: Chain, req_type: int) -> int:
+    def _ranges(self, chain: Chain, reader: ChainReader, req_type: int) -> int:
         self.stats["other"] += 1
         o = self.options
         feature, max_sectors, max_seg = {
@@ -352,12 +454,15 @@ class BlkDevice(VirtioDevice):
             return S_UNSUPP
         if self.options.read_only:
             return S_IOERR
-        data = chain.read(BLK_REQ_HEADER.size)
-        if not data or len(data) % _SEG.size:
-            return self._bad(f"range data length {len(data)} is not a multiple of 16")
-        segments = [_SEG.unpack_from(data, off) for off in range(0, len(data), _SEG.size)]
-        if len(segments) > max_seg:
-            return self._bad(f"{len(segments)} segments > {max_seg}")
+        length = chain.read_len - BLK_REQ_HEADER.size
+        if not length or length % _SEG_SIZE:
+            return self._bad(f"range data length {length} is not a multiple of 16")
+        if length // _SEG_SIZE > max_seg:
+            # Bounded before anything is read: the driver chose the length.
+            return self._bad(f"{length // _SEG_SIZE} segments > {max_seg}")
+        data = reader.read(length)
+        unpack = self._segment.unpack_from
+        segments = [unpack(data, off) for off in range(0, length, _SEG_SIZE)]
         for sector, count, flags in segments:
             if flags & ~1:
                 return S_UNSUPP  # unknown flag: the device MUST answer UNSUPP

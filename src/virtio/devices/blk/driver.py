@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from virtio.core.driver import Request, VirtioDriver
@@ -26,8 +27,6 @@ from virtio.devices.blk.wire import (
 from virtio.errors import VirtioError
 from virtio.spec import features as F
 from virtio.spec.device_ids import DeviceId
-
-_HDR = BLK_REQ_HEADER.struct
 
 
 class BlkError(VirtioError):
@@ -81,9 +80,15 @@ class BlkDriver(VirtioDriver):
             out |= 1 << bit
         return out
 
+    @property
+    def header(self) -> struct.Struct:
+        """The request header in the interface's byte order (the guest's, if legacy)."""
+        return BLK_REQ_HEADER.with_order(self.byteorder).struct
+
     def _config_field(self, name: str, size: int) -> int:
         # Fields are read one by one only where the layout guarantees them.
-        return int.from_bytes(self.read_config(BLK_CONFIG.offset_of(name), size), "little")
+        data = self.read_config(BLK_CONFIG.offset_of(name), size)
+        return int.from_bytes(data, self.byteorder)
 
     def queues_wanted(self) -> int:
         if self.has(F.VIRTIO_BLK_F_MQ):
@@ -101,7 +106,7 @@ class BlkDriver(VirtioDriver):
         # Read only as far as the negotiated features reach: devices may have a
         # shorter config space than the newest layout.
         raw = self.read_config(0, self.config_bytes_needed())
-        cfg = BLK_CONFIG.unpack(raw.ljust(BLK_CONFIG.size, b"\0"))
+        cfg = BLK_CONFIG.with_order(self.byteorder).unpack(raw.ljust(BLK_CONFIG.size, b"\0"))
 
         def field(name: str, bit: int | None = None) -> int:
             if bit is not None and not self.has(bit):
@@ -163,7 +168,9 @@ class BlkDriver(VirtioDriver):
 
     def submit_read(self, sector: int, nbytes: int, queue: int = 0) -> Request:
         self._check(sector, nbytes)
-        return self.submit(queue, [_HDR.pack(T_IN, 0, sector)], [*self.segment_sizes(nbytes), 1])
+        return self.submit(
+            queue, [self.header.pack(T_IN, 0, sector)], [*self.segment_sizes(nbytes), 1]
+        )
 
     def submit_write(self, sector: int, data: bytes | memoryview, queue: int = 0) -> Request:
         self._check(sector, len(data))
@@ -172,7 +179,7 @@ class BlkDriver(VirtioDriver):
         for n in self.segment_sizes(len(view)):
             pieces.append(view[pos : pos + n])
             pos += n
-        return self.submit(queue, [_HDR.pack(T_OUT, 0, sector), *pieces], [1])
+        return self.submit(queue, [self.header.pack(T_OUT, 0, sector), *pieces], [1])
 
     def status_of(self, request: Request) -> int:
         addr, _ = request.in_[-1]
@@ -212,28 +219,28 @@ class BlkDriver(VirtioDriver):
     def write_unchecked(self, sector: int, data: bytes, *, queue: int = 0) -> None:
         """Send a write even to a read-only device (to see it refused)."""
         self._check(sector, len(data))
-        request = self.submit(queue, [_HDR.pack(T_OUT, 0, sector), data], [1])
+        request = self.submit(queue, [self.header.pack(T_OUT, 0, sector), data], [1])
         self._run(request, f"write {sector}", 30.0)
 
     def flush(self, *, queue: int = 0, timeout: float = 30.0) -> None:
         if not self.has(F.VIRTIO_BLK_F_FLUSH):
             return
         # Sector MUST be 0 for a flush, and it carries no data.
-        self._run(self.submit(queue, [_HDR.pack(T_FLUSH, 0, 0)], [1]), "flush", timeout)
+        self._run(self.submit(queue, [self.header.pack(T_FLUSH, 0, 0)], [1]), "flush", timeout)
 
     def get_id(self, *, queue: int = 0) -> str:
-        request = self.submit(queue, [_HDR.pack(T_GET_ID, 0, 0)], [ID_BYTES, 1])
+        request = self.submit(queue, [self.header.pack(T_GET_ID, 0, 0)], [ID_BYTES, 1])
         data = self._run(request, "get-id", 30.0)
         return data.split(b"\0", 1)[0].decode(errors="replace")
 
     def _ranges(self, req_type: int, ranges: list[tuple[int, int]], unmap: bool, what: str) -> None:
+        segment = BLK_DISCARD_WRITE_ZEROES.with_order(self.byteorder)
         payload = b"".join(
-            BLK_DISCARD_WRITE_ZEROES.pack(sector=s, num_sectors=n, unmap=1 if unmap else 0)
-            for s, n in ranges
+            segment.pack(sector=s, num_sectors=n, unmap=1 if unmap else 0) for s, n in ranges
         )
         for s, n in ranges:
             self._check(s, n * SECTOR_SIZE)
-        request = self.submit(0, [_HDR.pack(req_type, 0, 0), payload], [1])
+        request = self.submit(0, [self.header.pack(req_type, 0, 0), payload], [1])
         self._run(request, what, 30.0)
 
     def discard(self, ranges: list[tuple[int, int]]) -> None:
