@@ -7,6 +7,8 @@ outside the guest.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -56,8 +58,12 @@ N_PACKED_DESC_DEV = (
 B = BUF_BASE
 
 
-def expect(normative: str) -> pytest.RaisesExc[RingError]:
-    return pytest.raises(RingError, check=lambda e: e.normative == normative)
+@contextmanager
+def expect(normative: str) -> Iterator[pytest.ExceptionInfo[RingError]]:
+    """The block must raise RingError citing exactly ``normative``."""
+    with pytest.raises(RingError) as err:
+        yield err
+    assert err.value.normative == normative, str(err.value)
 
 
 # -- split ring, hostile driver ---------------------------------------------------

@@ -57,6 +57,9 @@ N_QRESET_DEV = (
 N_RESERVED_DEV = "devicenormative:Reserved Feature Bits"
 
 S = DeviceStatus
+# The bits tested per request, as plain ints (IntFlag arithmetic is slow).
+_NEEDS_RESET = int(S.DEVICE_NEEDS_RESET)
+_RUNNING = int(S.DRIVER_OK | S.SUSPEND)
 
 #: What ``handle_chain`` returns for a chain the device keeps, to complete later.
 DEFERRED = None
@@ -176,6 +179,8 @@ class VirtioDevice:
         self.queues = [QueueState(i, queue_max_size) for i in range(num_queues)]
         for q in self.queues:
             q.clear()
+        #: How many queues exist with the negotiated features (all, before negotiation).
+        self.queue_count = num_queues
         self.memory: Memory | None = None
         self.iommu: Translate | None = None
         self.interface = Interface.MODERN
@@ -342,6 +347,7 @@ class VirtioDevice:
 
     def _negotiated(self, features: int) -> None:
         self.negotiated = features
+        self.queue_count = min(len(self.queues), self.queues_for_features(features))
         self._apply_memory()
         self.on_features_ok()
 
@@ -449,9 +455,7 @@ class VirtioDevice:
 
     def active_queues(self) -> list[QueueState]:
         """The queues that exist with the features negotiated (all of them before that)."""
-        if self.status & S.FEATURES_OK or (self.legacy and self.status & S.DRIVER_OK):
-            return self.queues[: self.queues_for_features(self.negotiated)]
-        return self.queues
+        return self.queues[: self.queue_count]
 
     def queue(self, index: int) -> QueueState:
         if not 0 <= index < len(self.queues):
@@ -486,7 +490,7 @@ class VirtioDevice:
 
     def enable_queue(self, index: int) -> None:
         q = self.queue(index)
-        if index >= len(self.active_queues()):
+        if index >= self.queue_count:
             self.fail(f"driver enabled queue {index}, which the features leave out", N_INIT_DRV)
             return
         q.enabled = True
@@ -533,12 +537,13 @@ class VirtioDevice:
 
     def notify(self, index: int) -> None:
         """An available buffer notification (a kick) for queue ``index``."""
-        if self.status & S.DEVICE_NEEDS_RESET:
+        status = self.status
+        if status & _NEEDS_RESET:
             return
-        if not self.status & (S.DRIVER_OK | S.SUSPEND):
+        if not status & _RUNNING:
             self.fail(f"driver notified queue {index} before DRIVER_OK", N_INIT_DRV)
             return
-        if not 0 <= index < len(self.active_queues()):
+        if not 0 <= index < self.queue_count:
             self.fail(f"driver notified queue {index}, which does not exist", N_INIT_DRV)
             return
         if self.status & S.SUSPEND:
@@ -580,7 +585,7 @@ class VirtioDevice:
         deferred = False
         for chain in chains:
             written = handle(index, chain)
-            if self.status & S.DEVICE_NEEDS_RESET:
+            if self.status & _NEEDS_RESET:
                 return False  # the device failed: stop at this chain
             if written is None:
                 q.deferred[id(chain)] = chain
@@ -618,7 +623,7 @@ class VirtioDevice:
         """
         q = self.queues[queue_index]
         ring = q.ring
-        if ring is None or self.status & S.DEVICE_NEEDS_RESET:
+        if ring is None or self.status & _NEEDS_RESET:
             return
         mine = [(c, n) for c, n in items if q.deferred.pop(id(c), None) is c]
         if len(mine) != len(items):
@@ -673,6 +678,7 @@ class VirtioDevice:
         self.status = 0
         self.driver_features = 0
         self.negotiated = 0
+        self.queue_count = len(self.queues)
         self.needs_reset_reason = None
         self._config_change_pending = False
         for q in self.queues:

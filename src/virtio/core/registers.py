@@ -228,7 +228,7 @@ class DeviceRegisters(DeviceHooks):
     def queue_max_size(self) -> int:
         """0 when the selected queue does not exist (with the features negotiated)."""
         q = self._selected()
-        if q is None or q.index >= len(self.device.active_queues()):
+        if q is None or q.index >= self.device.queue_count:
             return 0
         return q.max_size
 

@@ -37,10 +37,24 @@ class _Cursor:
 
     def views(self, n: int) -> list[memoryview]:
         """Zero-copy views of the next ``n`` bytes (for ``os.preadv`` / ``os.pwritev``)."""
-        if n > self.remaining or n < 0:
+        if n > self.total - self.position or n < 0:
             raise ShortChain(f"{n} bytes wanted, {self.remaining} left in the chain")
-        out: list[memoryview] = []
         pieces = self._pieces
+        if n and self._index < len(pieces):
+            # The common case: the bytes sit in the current segment.
+            piece = pieces[self._index]
+            start = self._offset
+            end = start + n
+            if end < piece.nbytes:
+                self._offset = end
+                self.position += n
+                return [piece[start:end]]
+            if end == piece.nbytes:
+                self._index += 1
+                self._offset = 0
+                self.position += n
+                return [piece[start:end] if start else piece]
+        out: list[memoryview] = []
         while n:
             piece = pieces[self._index]
             start = self._offset
@@ -57,6 +71,13 @@ class _Cursor:
         return out
 
     def skip(self, n: int) -> None:
+        pieces = self._pieces
+        if n > 0 and self._index < len(pieces) and self._offset + n < pieces[self._index].nbytes:
+            if n > self.total - self.position:
+                raise ShortChain(f"{n} bytes wanted, {self.remaining} left in the chain")
+            self._offset += n
+            self.position += n
+            return
         self.views(n)
 
     def seek(self, position: int) -> None:
@@ -75,7 +96,10 @@ class ChainReader(_Cursor):
     __slots__ = ()
 
     def __init__(self, chain: Chain) -> None:
-        super().__init__(chain.readable, chain.read_len)
+        # Set directly (no super().__init__ call): one cursor per request is hot.
+        self._pieces = chain.readable
+        self._index = self._offset = self.position = 0
+        self.total = chain.read_len
 
     def read(self, n: int) -> bytes:
         """Exactly ``n`` bytes (ShortChain if fewer are left)."""
@@ -89,9 +113,9 @@ class ChainReader(_Cursor):
         if self._index < len(self._pieces):
             piece = self._pieces[self._index]
             if piece.nbytes - self._offset >= fmt.size:
-                values = fmt.unpack_from(piece, self._offset)
+                values: tuple[int | bytes, ...] = fmt.unpack_from(piece, self._offset)
                 self.skip(fmt.size)
-                return tuple(values)
+                return values
         return tuple(fmt.unpack(self.read(fmt.size)))
 
     def read_all(self) -> bytes:
@@ -104,7 +128,9 @@ class ChainWriter(_Cursor):
     __slots__ = ()
 
     def __init__(self, chain: Chain) -> None:
-        super().__init__(chain.writable, chain.write_len)
+        self._pieces = chain.writable
+        self._index = self._offset = self.position = 0
+        self.total = chain.write_len
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         src = memoryview(data).cast("B")

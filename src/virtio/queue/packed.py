@@ -355,63 +355,70 @@ class PackedDeviceQueue:
         """Write used descriptors; in order, one descriptor covers the whole batch.
 
         A request the device must not make raises
-        :class:`~virtio.errors.DeviceModelError` before anything is written.
+        :class:`~virtio.errors.DeviceModelError` before anything is written
+        (each used descriptor is visible to the driver the moment it is written).
         """
         if not items:
             return
-        self._check_push(items)
+        if self.in_order:
+            self._check_in_order(items)
+            last, written = items[-1]
+            batches: Sequence[tuple[Chain, int]] = ((last, written),)
+            total = sum(chain.slots for chain, _ in items)
+        else:
+            total = 0
+            for chain, written in items:
+                if not (chain.live and 0 <= written <= chain.write_len):
+                    raise DeviceModelError(refusal(chain, written))
+                total += chain.slots
+            batches = items
         desc16 = self.ring.desc16
         desc32 = self.ring.desc32
         size = self.size
         pos = self.next_used
         wrap = self.used_wrap
-        if self.in_order:
-            slots = sum(chain.slots for chain, _ in items)
-            last, written = items[-1]
-            batches: Sequence[tuple[Chain, int, int]] = ((last, written, slots),)
-        else:
-            batches = [(chain, written, chain.slots) for chain, written in items]
         tracker = self.tracker
         if tracker is not None:
-            total = sum(slots for _, _, slots in batches)
             laps, after = divmod(pos + total, size)
             tracker.completing([c.head for c, _ in items], after, wrap ^ (laps & 1))
         used_bits = _BOTH if wrap else 0
-        for chain, written, slots in batches:
+        in_order = self.in_order
+        for chain, written in batches:
             # id and len land before the flags that hand the descriptor back; each is
             # one native store, and the address (reserved in used descriptors) is left.
             desc32[(pos << 2) + 2] = written
             desc16[(pos << 3) + 6] = chain.head
             desc16[(pos << 3) + 7] = used_bits | (DESC_F_WRITE if written else 0)
-            pos += slots
+            pos += total if in_order else chain.slots
             if pos >= size:
                 pos -= size
                 wrap ^= 1
                 used_bits = _BOTH if wrap else 0
-            self._used_count += slots
-            self._inflight -= slots
-        for chain, _ in items:
             chain.live = False
+        if in_order:
+            for chain, _ in items:
+                chain.live = False
+        self._used_count += total
+        self._inflight -= total
         self.next_used = pos
         self.used_wrap = wrap
         if tracker is not None:
             tracker.completed()
 
-    def _check_push(self, items: Sequence[tuple[Chain, int]]) -> None:
+    def _check_in_order(self, items: Sequence[tuple[Chain, int]]) -> None:
         for chain, written in items:
             if not chain.live or not 0 <= written <= chain.write_len:
                 raise DeviceModelError(refusal(chain, written))
-        if self.in_order:
-            expected = self._in_order_chains
-            if len(items) > len(expected) or any(
-                chain is not expected[i] for i, (chain, _) in enumerate(items)
-            ):
-                raise DeviceModelError(
-                    f"buffer {items[0][0].head} pushed out of order with VIRTIO_F_IN_ORDER "
-                    f"(next in order: {expected[0].head if expected else 'none'}) [{N_IN_ORDER_DEV}]"
-                )
-            for _ in items:
-                expected.popleft()
+        expected = self._in_order_chains
+        if len(items) > len(expected) or any(
+            chain is not expected[i] for i, (chain, _) in enumerate(items)
+        ):
+            raise DeviceModelError(
+                f"buffer {items[0][0].head} pushed out of order with VIRTIO_F_IN_ORDER "
+                f"(next in order: {expected[0].head if expected else 'none'}) [{N_IN_ORDER_DEV}]"
+            )
+        for _ in items:
+            expected.popleft()
 
     def needs_notify(self) -> bool:
         # The used flags must be visible before the driver's event structure is read.

@@ -12,6 +12,7 @@ import struct
 import sys
 from collections import deque
 from collections.abc import Sequence
+from typing import NoReturn
 
 from virtio.errors import DeviceModelError, GuestMemoryError, RingError
 from virtio.layout import ByteOrder
@@ -203,17 +204,16 @@ class SplitDeviceQueue:
         unpack_desc = ring.desc_struct.unpack_from
         out: list[Chain] = []
         append = out.append
-        popped = 0
         bad_head = None
         if max(heads) >= size:
             # Take the good heads before the bad one, then report it.
             bad = next(i for i, h in enumerate(heads) if h >= size)
             bad_head = heads[bad]
             heads = heads[:bad]
+        failed = True
         try:
             for head in heads:
                 addr, length, flags, _next = unpack_desc(desc, head << 4)
-                popped += 1
                 if flags & (DESC_F_NEXT | DESC_F_INDIRECT):
                     append(self._walk(head))
                     continue
@@ -230,8 +230,10 @@ class SplitDeviceQueue:
                     append(Chain(head, (), views, 0, length, 1))
                 else:
                     append(Chain(head, views, (), length, 0, 1))
+            failed = False
         finally:
-            self.last_avail = (last + popped) & 0xFFFF
+            # A head that failed its checks counts as taken: it is never served.
+            self.last_avail = (last + len(out) + failed) & 0xFFFF
             self._inflight += len(out)
             if self.in_order:
                 self._in_order_chains.extend(out)
@@ -346,16 +348,17 @@ class SplitDeviceQueue:
         idx moves by the batch size: the driver counts the skipped ones as used.
         A request the device must not make (a buffer not in flight, a length
         beyond its writable bytes, out of order with IN_ORDER) raises
-        :class:`~virtio.errors.DeviceModelError` before anything is written.
+        :class:`~virtio.errors.DeviceModelError` and the used idx does not move:
+        the driver sees nothing of the batch.
         """
         if not items:
             return
-        self._check_push(items)
         ring = self.ring
         mask = ring.mask
         idx = self.used_idx
         elems = ring.used_elems
         if self.in_order:
+            self._check_in_order(items)
             chain, written = items[-1]
             slot = (idx & mask) << 1
             elems[slot] = chain.head
@@ -365,6 +368,10 @@ class SplitDeviceQueue:
                 chain.live = False
         else:
             for chain, written in items:
+                # Checked as it goes: a refused element only ever lands beyond the
+                # published idx, where the driver never reads.
+                if not (chain.live and 0 <= written <= chain.write_len):
+                    self._refuse(items, chain, written)
                 slot = (idx & mask) << 1
                 elems[slot] = chain.head
                 elems[slot + 1] = written
@@ -381,21 +388,29 @@ class SplitDeviceQueue:
         if tracker is not None:
             tracker.completed(idx)
 
-    def _check_push(self, items: Sequence[tuple[Chain, int]]) -> None:
+    @staticmethod
+    def _refuse(items: Sequence[tuple[Chain, int]], bad: Chain, written: int) -> NoReturn:
+        reason = refusal(bad, written)
+        for chain, _ in items:  # those taken before the bad one are in flight again
+            if chain is bad:
+                break
+            chain.live = True
+        raise DeviceModelError(reason)
+
+    def _check_in_order(self, items: Sequence[tuple[Chain, int]]) -> None:
         for chain, written in items:
             if not chain.live or not 0 <= written <= chain.write_len:
                 raise DeviceModelError(refusal(chain, written))
-        if self.in_order:
-            expected = self._in_order_chains
-            if len(items) > len(expected) or any(
-                chain is not expected[i] for i, (chain, _) in enumerate(items)
-            ):
-                raise DeviceModelError(
-                    f"buffer {items[0][0].head} pushed out of order with VIRTIO_F_IN_ORDER "
-                    f"(next in order: {expected[0].head if expected else 'none'}) [{N_IN_ORDER_DEV}]"
-                )
-            for _ in items:
-                expected.popleft()
+        expected = self._in_order_chains
+        if len(items) > len(expected) or any(
+            chain is not expected[i] for i, (chain, _) in enumerate(items)
+        ):
+            raise DeviceModelError(
+                f"buffer {items[0][0].head} pushed out of order with VIRTIO_F_IN_ORDER "
+                f"(next in order: {expected[0].head if expected else 'none'}) [{N_IN_ORDER_DEV}]"
+            )
+        for _ in items:
+            expected.popleft()
 
     def needs_notify(self) -> bool:
         """Whether the driver wants a used-buffer notification for what was pushed."""

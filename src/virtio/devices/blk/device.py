@@ -273,29 +273,32 @@ class BlkDevice(VirtioDevice):
         req_type, _reserved, sector = reader.read_struct(self._header)
         assert isinstance(req_type, int) and isinstance(sector, int)
         status_at = chain.write_len - 1
-        writer = ChainWriter(chain)
-        io = self.io
         try:
             if req_type == T_IN:
                 problem = self._refuse_read(chain, sector, status_at)
-                if problem is None and io is not None and status_at > self.options.inline_max:
-                    self.stats["read"] += 1
-                    return self._defer(queue_index, chain, self._reader(writer, sector, status_at))
-                status, written = (
-                    (problem, 0) if problem is not None else self._read(writer, sector, status_at)
-                )
+                if problem is not None:
+                    return self._answer(chain, problem, 0)
+                self.stats["read"] += 1
+                views = ChainWriter(chain).views(status_at)
+                if self.io is not None and status_at > self.options.inline_max:
+                    return self._defer(
+                        queue_index, chain, lambda: self._preadv(views, sector, status_at)
+                    )
+                status, written = self._preadv(views, sector, status_at)
             elif req_type == T_OUT:
                 nbytes = chain.read_len - BLK_REQ_HEADER.size
                 problem = self._refuse_write(sector, nbytes)
-                if problem is None and io is not None and nbytes > self.options.inline_max:
-                    self.stats["write"] += 1
-                    return self._defer(queue_index, chain, self._writer(reader, sector, nbytes))
-                status = problem if problem is not None else self._write(reader, sector, nbytes)
-                written = 0
+                if problem is not None:
+                    return self._answer(chain, problem, 0)
+                self.stats["write"] += 1
+                views = reader.views(nbytes)
+                if self.io is not None and nbytes > self.options.inline_max:
+                    return self._defer(queue_index, chain, lambda: self._pwritev(views, sector))
+                status, written = self._pwritev(views, sector)
             elif req_type == T_FLUSH:
                 status, written = self._flush(), 0
             elif req_type == T_GET_ID:
-                status, written = self._get_id(writer, status_at)
+                status, written = self._get_id(ChainWriter(chain), status_at)
             elif req_type in (T_DISCARD, T_WRITE_ZEROES, T_SECURE_ERASE):
                 status, written = self._ranges(chain, reader, req_type), 0
             else:
@@ -327,18 +330,6 @@ class BlkDevice(VirtioDevice):
         self.stats["deferred"] += 1  # counted here: workers never touch device state
         self.io.submit((queue_index, chain), job)
         return DEFERRED
-
-    def _reader(
-        self, writer: ChainWriter, sector: int, nbytes: int
-    ) -> Callable[[], tuple[int, int]]:
-        views = writer.views(nbytes)
-        return lambda: self._preadv(views, sector, nbytes)
-
-    def _writer(
-        self, reader: ChainReader, sector: int, nbytes: int
-    ) -> Callable[[], tuple[int, int]]:
-        views = reader.views(nbytes)
-        return lambda: self._pwritev(views, sector)
 
     def _io_done(self, results: list[tuple[tuple[int, Chain], object]]) -> None:
         by_queue: dict[int, list[tuple[Chain, int]]] = {}
@@ -380,36 +371,32 @@ class BlkDevice(VirtioDevice):
         problem = self._check_range(sector, nbytes)
         return None if problem is None else self._bad(problem)
 
-    def _read(self, writer: ChainWriter, sector: int, nbytes: int) -> tuple[int, int]:
-        self.stats["read"] += 1
-        if nbytes == 0:
-            return S_OK, 0
-        return self._preadv(writer.views(nbytes), sector, nbytes)
-
     def _preadv(self, views: list[memoryview], sector: int, nbytes: int) -> tuple[int, int]:
         # Runs inline or on a worker thread: touches only the image and the views.
         offset = sector * SECTOR_SIZE
+        if nbytes == 0:
+            return S_OK, 0
+        if len(views) <= _IOV_MAX:
+            got = os.preadv(self.fd, views, offset)
+            if got < nbytes:
+                _zero_views(views, got)  # past the end of a short image: zeroes
+            return S_OK, nbytes
         done = 0
         while views:
             batch = views[:_IOV_MAX]
             got = os.preadv(self.fd, batch, offset + done)
             want = sum(v.nbytes for v in batch)
             if got < want:
-                # Past the end of a short image: the rest reads as zeroes.
                 _zero_views(batch, got)
             done += want
             views = views[_IOV_MAX:]
         return S_OK, nbytes
 
-    def _write(self, reader: ChainReader, sector: int, nbytes: int) -> int:
-        self.stats["write"] += 1
-        if nbytes == 0:
-            return S_OK
-        return self._pwritev(reader.views(nbytes), sector)[0]
-
     def _pwritev(self, views: list[memoryview], sector: int) -> tuple[int, int]:
         # Runs inline or on a worker thread: touches only the image and the views.
         offset = sector * SECTOR_SIZE
+        if not views:
+            return S_OK, 0
         for i in range(0, len(views), _IOV_MAX):
             batch = views[i : i + _IOV_MAX]
             want = sum(v.nbytes for v in batch)
