@@ -62,6 +62,13 @@ def build_parser(kind: DeviceType) -> argparse.ArgumentParser:
     )
     p.add_argument("--event-idx", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--indirect", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--poll-us",
+        type=float,
+        default=100.0,
+        help="poll the rings this long after serving before waiting for a kick; adapts "
+        "to the driver, 0 never polls (default 100)",
+    )
     kind.add_arguments(p)
     return p
 
@@ -83,6 +90,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv[1:])
     if not 1 <= args.queue_size <= 32768 or args.queue_size & (args.queue_size - 1):
         parser.error("--queue-size must be a power of 2 up to 32768")
+    if not 0 <= args.poll_us <= 10_000:
+        parser.error("--poll-us must be 0..10000")
     settings = DeviceSettings(
         ring=RingOptions(packed=args.packed, event_idx=args.event_idx, indirect=args.indirect),
         queue_max_size=args.queue_size,
@@ -94,7 +103,7 @@ def main(argv: list[str]) -> int:
     except OSError as err:
         print(f"virtio serve {kind.name}: {err}", file=sys.stderr)
         return 1
-    server = VhostUserServer(args.socket, device)
+    server = VhostUserServer(args.socket, device, poll_us=args.poll_us)
     try:
         server.bind()
     except OSError as err:

@@ -159,6 +159,9 @@ class VirtioDevice:
     """Base class of every device model."""
 
     device_id: ClassVar[int] = 0
+    #: Chains served per batch before their used entries are pushed. Small batches
+    #: let a driver that polls the used ring refill it while the device works on.
+    batch_limit: ClassVar[int] = 8
 
     def __init__(
         self,
@@ -188,6 +191,7 @@ class VirtioDevice:
         self.legacy_order: ByteOrder = "little"
         self.config = bytearray(self.config_size())
         self.config_generation = 0
+        #: The status byte, a plain int (tested per request: IntFlag arithmetic is slow).
         self.status = 0
         self.driver_features = 0
         self.negotiated = 0
@@ -321,18 +325,18 @@ class VirtioDevice:
                             N_INIT_DRV,
                         )
                     return
-                self.status |= step.bit
+                self.status |= int(step.bit)
                 self._negotiated(self.driver_features)
             elif step.action is Action.GO_LIVE:
-                self.status |= step.bit
+                self.status |= int(step.bit)
                 self._go_live()
             elif step.action is Action.SUSPEND:
                 self._suspend()
             elif step.action is Action.FAIL:
-                self.status |= step.bit
+                self.status |= int(step.bit)
                 log.info("driver set FAILED")
             else:
-                self.status |= step.bit
+                self.status |= int(step.bit)
 
     def _check_features(self, features: int) -> str | None:
         extra = features & ~self.offered_features
@@ -383,10 +387,10 @@ class VirtioDevice:
         for q in self.queues:
             if q.deferred:
                 self.quiesce(q.index)
-        self.status = (self.status & ~S.DRIVER_OK) | S.SUSPEND
+        self.status = int((self.status & ~S.DRIVER_OK) | S.SUSPEND)
 
     def _resume(self) -> None:
-        self.status = (self.status & ~S.SUSPEND) | S.DRIVER_OK
+        self.status = int((self.status & ~S.SUSPEND) | S.DRIVER_OK)
         if self._config_change_pending:
             self._config_change_pending = False
             self.hooks.notify_config()
@@ -535,40 +539,66 @@ class VirtioDevice:
 
     # -- driver-facing: notifications ------------------------------------------
 
-    def notify(self, index: int) -> None:
-        """An available buffer notification (a kick) for queue ``index``."""
+    def notify(self, index: int, *, rearm: bool = True) -> int:
+        """An available buffer notification (a kick) for queue ``index``; chains served.
+
+        ``rearm=False``: the transport goes on polling the ring, so available
+        buffer notifications stay off (see :meth:`process_queue`).
+        """
         status = self.status
         if status & _NEEDS_RESET:
-            return
+            return 0
         if not status & _RUNNING:
             self.fail(f"driver notified queue {index} before DRIVER_OK", N_INIT_DRV)
-            return
+            return 0
         if not 0 <= index < self.queue_count:
             self.fail(f"driver notified queue {index}, which does not exist", N_INIT_DRV)
-            return
+            return 0
         if self.status & S.SUSPEND:
             self.fail(f"driver notified queue {index} while suspended", N_SUSPEND_DRV)
-            return
-        self.process_queue(index)
+            return 0
+        return self.process_queue(index, rearm=rearm)
 
-    def process_queue(self, index: int) -> None:
-        """Serve everything available on a queue, then notify if the driver wants it."""
+    def process_queue(self, index: int, *, rearm: bool = True) -> int:
+        """Serve everything available on a queue; returns how many chains were served.
+
+        Available buffer notifications stay off while the device works. With
+        ``rearm`` (a notification woke the device) they are turned back on once
+        the ring is empty, and the ring is checked once more; without it (a
+        transport polling the ring) they stay off until :meth:`rearm_queue`.
+        """
         q = self.queues[index]
         ring = q.ring
         if ring is None or not self.live:
-            return
+            return 0
+        served = 0
         try:
             while True:
-                chains = ring.pop_many(ring.size)
+                chains = ring.pop_many(self.batch_limit)
                 if not chains:
-                    if not ring.enable_notifications():
+                    if not rearm or not ring.enable_notifications():
                         break
                     continue
                 ring.disable_notifications()
+                served += len(chains)
                 if not self.serve_chains(index, chains):
-                    return
+                    break
         except SpecViolation as err:
             self.fail(err.message, err.normative)
+        return served
+
+    def rearm_queue(self, index: int) -> int:
+        """Stop polling a queue: notifications back on, and serve what arrived meanwhile."""
+        ring = self.queues[index].ring
+        if ring is None or not self.live:
+            return 0
+        try:
+            if not ring.enable_notifications():
+                return 0
+        except SpecViolation as err:
+            self.fail(err.message, err.normative)
+            return 0
+        return self.process_queue(index)
 
     def serve_chains(self, index: int, chains: Sequence[Chain]) -> bool:
         """Hand popped chains to the device type and push what it completed at once.
@@ -669,7 +699,7 @@ class VirtioDevice:
         self.needs_reset_reason = f"{reason}{where}"
         log.warning("%s: DEVICE_NEEDS_RESET: %s%s", type(self).__name__, reason, where)
         was_live = bool(self.status & S.DRIVER_OK)
-        self.status |= S.DEVICE_NEEDS_RESET
+        self.status |= _NEEDS_RESET
         if was_live:
             self.hooks.notify_config()
 

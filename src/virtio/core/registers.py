@@ -366,7 +366,9 @@ class DeviceRegisters(DeviceHooks):
 
     # -- notifications ---------------------------------------------------------------------
 
-    def notify(self, value: int | None = None, *, queue: int | None = None) -> None:
+    def notify(
+        self, value: int | None = None, *, queue: int | None = None, rearm: bool = True
+    ) -> int:
         """An available buffer notification, as the transport received it.
 
         ``queue`` is the queue the transport's notify address (or kick fd)
@@ -374,14 +376,15 @@ class DeviceRegisters(DeviceHooks):
         transport carries a value. With VIRTIO_F_NOTIFICATION_DATA that is the
         notification data (the queue number, or its config data with
         VIRTIO_F_NOTIF_CONFIG_DATA, and the next available position);
-        otherwise it is the queue number (or its config data).
+        otherwise it is the queue number (or its config data). Returns how many
+        chains the device served; ``rearm=False`` is for a transport that goes
+        on polling the ring (notifications stay off).
         """
         device = self.device
         if value is None:
             if queue is None:
                 raise ValueError("a notification names its queue or carries a value")
-            device.notify(queue)
-            return
+            return device.notify(queue, rearm=rearm)
         if device.has(F.VIRTIO_F_NOTIFICATION_DATA):
             vqn, next_pos, wrap = decode_notification(
                 value, packed=device.has(F.VIRTIO_F_RING_PACKED)
@@ -392,7 +395,7 @@ class DeviceRegisters(DeviceHooks):
         if device.has(F.VIRTIO_F_NOTIF_CONFIG_DATA):
             vqn = next((q.index for q in device.queues if q.notify_config_data == vqn), vqn)
         # The address a transport's notification arrived at names the queue where it can.
-        device.notify(vqn if queue is None else queue)
+        return device.notify(vqn if queue is None else queue, rearm=rearm)
 
     # -- interrupts: the device's hooks ------------------------------------------------------
 
@@ -448,6 +451,14 @@ class DeviceRegisters(DeviceHooks):
     def stop_queue(self, index: int) -> None:
         """Stop and forget a queue, whatever the features (a vhost-user ring stop)."""
         self.device.stop_queue(index)
+
+    def poll_queue(self, index: int) -> int:
+        """Serve a queue without a notification, leaving notifications off (polling)."""
+        return self.device.process_queue(index, rearm=False)
+
+    def rearm_queue(self, index: int) -> int:
+        """Stop polling: notifications back on; serves what arrived in the meantime."""
+        return self.device.rearm_queue(index)
 
     def resubmit(self, index: int, chains: Sequence[Chain]) -> None:
         """Serve chains recovered from outside the ring (an inflight record) again."""

@@ -172,125 +172,170 @@ class PackedDeviceQueue:
         wrap = self.avail_wrap
         # Available means AVAIL == wrap counter and USED != wrap counter.
         ready = DESC_F_AVAIL if wrap else DESC_F_USED
-        count = 0
         desc16 = ring.desc16
-        while count < limit:
-            # The flags first, in one access: they say whether the rest is valid.
-            flags = desc16[(pos << 3) + 7]
-            if flags & _BOTH != ready:
-                break
-            addr, length, buf_id, _flags = unpack(desc, pos << 4)
-            if self._inflight >= size:
-                raise RingError(f"more than {size} descriptors made available at once", N_PACKED_SG)
-            if flags & (DESC_F_NEXT | DESC_F_INDIRECT):
-                chain, pos, wrap = self._walk(pos, wrap)
-                ready = DESC_F_AVAIL if wrap else DESC_F_USED
-                self._inflight += chain.slots
-            else:
-                off = addr - r_gpa
-                if off >= 0 and off + length <= r_size:
-                    views: tuple[memoryview, ...] = (r_view[off : off + length],)
+        tracker = self.tracker
+        chained = DESC_F_NEXT | DESC_F_INDIRECT  # locals: no global lookups per chain
+        write = DESC_F_WRITE
+        inflight = self._inflight
+        try:
+            while len(out) < limit:
+                # The flags first, in one access: they say whether the rest is valid.
+                flags = desc16[(pos << 3) + 7]
+                if flags & _BOTH != ready:
+                    break
+                addr, length, buf_id, _flags = unpack(desc, pos << 4)
+                if inflight >= size:
+                    raise RingError(
+                        f"more than {size} descriptors made available at once", N_PACKED_SG
+                    )
+                if flags & chained:
+                    chain, next_pos, next_wrap = self._walk(pos, wrap)
+                    inflight += chain.slots
                 else:
-                    try:
-                        views = tuple(iovecs(addr, length))
-                    except GuestMemoryError as err:
-                        raise RingError(
-                            f"descriptor at {pos}: {err.message}", N_PACKED_DESC_DEV
-                        ) from err
-                if flags & DESC_F_WRITE:
-                    chain = Chain(buf_id, (), views, 0, length, 1)
-                else:
-                    chain = Chain(buf_id, views, (), length, 0, 1)
-                if self.tracker is not None:
-                    self.tracker.popped([(addr, length, buf_id, flags)])
-                pos += 1
-                if pos == size:
-                    pos = 0
-                    wrap ^= 1
+                    off = addr - r_gpa
+                    if off >= 0 and off + length <= r_size:
+                        views: tuple[memoryview, ...] = (r_view[off : off + length],)
+                    else:
+                        try:
+                            views = tuple(iovecs(addr, length))
+                        except GuestMemoryError as err:
+                            raise RingError(
+                                f"descriptor at {pos}: {err.message}", N_PACKED_DESC_DEV
+                            ) from err
+                    if flags & write:
+                        chain = Chain(buf_id, (), views, 0, length, 1)
+                    else:
+                        chain = Chain(buf_id, views, (), length, 0, 1)
+                    if tracker is not None:
+                        tracker.popped([(addr, length, buf_id, flags)])
+                    next_pos, next_wrap = pos + 1, wrap
+                    if next_pos == size:
+                        next_pos = 0
+                        next_wrap ^= 1
+                    inflight += 1
+                append(chain)
+                # Progress only past a chain that passed every check.
+                pos = next_pos
+                if next_wrap != wrap:
+                    wrap = next_wrap
                     ready = DESC_F_AVAIL if wrap else DESC_F_USED
-                self._inflight += 1
-            append(chain)
-            count += 1
-            # Commit progress per chain, so an error leaves earlier chains popped.
+        finally:
+            # An error leaves the chains before it popped.
             self.next_avail = pos
             self.avail_wrap = wrap
+            self._inflight = inflight
             if self.in_order:
-                self._in_order_chains.append(chain)
+                self._in_order_chains.extend(out)
         return out
 
     def _walk(self, pos: int, wrap: int) -> tuple[Chain, int, int]:
         ring = self.ring
         desc = ring.desc
+        desc16 = ring.desc16
         unpack = ring.desc_struct.unpack_from
         size = self.size
         memory = ring.memory
+        r_gpa, r_size, r_view = fast_region(memory)
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         read_len = write_len = 0
         slots = 0
         start = pos
-        record: list[PackedDesc] = []
+        tracker = self.tracker
+        record: list[PackedDesc] | None = [] if tracker is not None else None
+        ready = DESC_F_AVAIL if wrap else DESC_F_USED
         while True:
-            flags = ring.desc16[(pos << 3) + 7]
-            addr, length, buf_id, _flags = unpack(desc, pos << 4)
-            record.append((addr, length, buf_id, flags))
-            if slots and not self._is_avail(flags, wrap):
+            flags = desc16[(pos << 3) + 7]
+            if slots and flags & _BOTH != ready:
                 raise RingError(
                     f"chain at {start}: descriptor {pos} is not available yet", N_PACKED_SG
                 )
+            addr, length, buf_id, _flags = unpack(desc, pos << 4)
+            if record is not None:
+                record.append((addr, length, buf_id, flags))
             slots += 1
             pos += 1
             if pos == size:
                 pos = 0
                 wrap ^= 1
+                ready = DESC_F_AVAIL if wrap else DESC_F_USED
             if flags & DESC_F_INDIRECT:
-                if not self.indirect:
-                    raise RingError(
-                        "INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC", N_PACKED_INDIRECT
-                    )
-                if flags & DESC_F_NEXT or slots > 1:
-                    raise RingError(
-                        "INDIRECT descriptor inside a NEXT-linked list", N_PACKED_INDIRECT
-                    )
-                if length == 0 or length % 16:
-                    raise RingError(
-                        f"indirect table length {length} is not a non-zero multiple of 16",
-                        N_PACKED_INDIRECT,
-                    )
-                if length // 16 > MAX_QUEUE_SIZE:
-                    raise RingError(
-                        f"indirect table of {length // 16} descriptors is too long",
-                        N_PACKED_INDIRECT,
-                    )
-                try:
-                    table = memory.view(addr, length)
-                except GuestMemoryError as err:
-                    raise RingError(f"indirect table: {err.message}", N_PACKED_INDIRECT) from err
-                for i in range(length // 16):
-                    t_addr, t_len, _t_id, t_flags = unpack(table, i << 4)
-                    if t_flags & ~DESC_F_WRITE:
+                chain = self._indirect(addr, length, flags, buf_id, slots, readable, writable)
+                if tracker is not None and record is not None:
+                    tracker.popped(record)
+                return chain, pos, wrap
+            # A direct descriptor: the region of the last hit is checked inline.
+            off = addr - r_gpa
+            if off >= 0 and off + length <= r_size:
+                piece = r_view[off : off + length]
+                if flags & DESC_F_WRITE:
+                    writable.append(piece)
+                    write_len += length
+                else:
+                    if writable:
                         raise RingError(
-                            f"indirect entry {i} sets flags {t_flags:#x} (only WRITE allowed)",
-                            N_PACKED_INDIRECT,
+                            "device-readable descriptor after a writable one", N_MSG_FRAMING
                         )
-                    read_len, write_len = self._add_segment(
-                        memory, t_addr, t_len, t_flags, readable, writable, read_len, write_len
-                    )
-                if self.tracker is not None:
-                    self.tracker.popped(record)
-                return Chain(buf_id, readable, writable, read_len, write_len, 1), pos, wrap
-            read_len, write_len = self._add_segment(
-                memory, addr, length, flags, readable, writable, read_len, write_len
-            )
+                    readable.append(piece)
+                    read_len += length
+                if read_len + write_len >= _MAX_CHAIN_BYTES:
+                    raise RingError("chain is 2^32 bytes or longer", N_PACKED_SG)
+            else:
+                read_len, write_len = self._add_segment(
+                    memory, addr, length, flags, readable, writable, read_len, write_len
+                )
             if not flags & DESC_F_NEXT:
-                if self.tracker is not None:
-                    self.tracker.popped(record)
+                if tracker is not None and record is not None:
+                    tracker.popped(record)
                 return Chain(buf_id, readable, writable, read_len, write_len, slots), pos, wrap
             if slots == size:
                 # The list would run into its own first descriptor.
                 raise RingError(
                     f"chain at {start} is longer than the queue ({size} descriptors)", N_PACKED_SG
                 )
+
+    def _indirect(
+        self,
+        addr: int,
+        length: int,
+        flags: int,
+        buf_id: int,
+        slots: int,
+        readable: list[memoryview],
+        writable: list[memoryview],
+    ) -> Chain:
+        """The buffer an indirect descriptor points to (one table, WRITE the only flag)."""
+        if not self.indirect:
+            raise RingError("INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC", N_PACKED_INDIRECT)
+        if flags & DESC_F_NEXT or slots > 1:
+            raise RingError("INDIRECT descriptor inside a NEXT-linked list", N_PACKED_INDIRECT)
+        if length == 0 or length % 16:
+            raise RingError(
+                f"indirect table length {length} is not a non-zero multiple of 16",
+                N_PACKED_INDIRECT,
+            )
+        if length // 16 > MAX_QUEUE_SIZE:
+            raise RingError(
+                f"indirect table of {length // 16} descriptors is too long", N_PACKED_INDIRECT
+            )
+        memory = self.ring.memory
+        try:
+            table = memory.view(addr, length)
+        except GuestMemoryError as err:
+            raise RingError(f"indirect table: {err.message}", N_PACKED_INDIRECT) from err
+        unpack = self.ring.desc_struct.unpack_from
+        read_len = write_len = 0
+        for i in range(length // 16):
+            t_addr, t_len, _t_id, t_flags = unpack(table, i << 4)
+            if t_flags & ~DESC_F_WRITE:
+                raise RingError(
+                    f"indirect entry {i} sets flags {t_flags:#x} (only WRITE allowed)",
+                    N_PACKED_INDIRECT,
+                )
+            read_len, write_len = self._add_segment(
+                memory, t_addr, t_len, t_flags, readable, writable, read_len, write_len
+            )
+        return Chain(buf_id, readable, writable, read_len, write_len, 1)
 
     def chain_from(self, descs: list[PackedDesc]) -> Chain:
         """Rebuild a buffer from its recorded ring descriptors (resubmission)."""

@@ -210,11 +210,13 @@ class SplitDeviceQueue:
             bad = next(i for i, h in enumerate(heads) if h >= size)
             bad_head = heads[bad]
             heads = heads[:bad]
+        chained = DESC_F_NEXT | DESC_F_INDIRECT  # locals: no global lookups per chain
+        write = DESC_F_WRITE
         failed = True
         try:
             for head in heads:
                 addr, length, flags, _next = unpack_desc(desc, head << 4)
-                if flags & (DESC_F_NEXT | DESC_F_INDIRECT):
+                if flags & chained:
                     append(self._walk(head))
                     continue
                 # The common case: one direct descriptor.
@@ -226,7 +228,7 @@ class SplitDeviceQueue:
                         views = tuple(iovecs(addr, length))
                     except GuestMemoryError as err:
                         raise RingError(f"descriptor {head}: {err.message}", N_DESC_TABLE) from err
-                if flags & DESC_F_WRITE:
+                if flags & write:
                     append(Chain(head, (), views, 0, length, 1))
                 else:
                     append(Chain(head, views, (), length, 0, 1))
@@ -305,7 +307,18 @@ class SplitDeviceQueue:
                 continue
             off = addr - r_gpa
             if off >= 0 and off + length <= r_size:
-                views = [r_view[off : off + length]]
+                # The region of the last hit, checked inline: one view, appended.
+                if flags & DESC_F_WRITE:
+                    writable.append(r_view[off : off + length])
+                    write_len += length
+                elif writable:
+                    raise RingError(
+                        f"chain at head {head}: device-readable descriptor after a writable one",
+                        N_MSG_FRAMING,
+                    )
+                else:
+                    readable.append(r_view[off : off + length])
+                    read_len += length
             else:
                 try:
                     views = memory.iovecs(addr, length)
@@ -313,17 +326,18 @@ class SplitDeviceQueue:
                     raise RingError(
                         f"descriptor at head {head}: {err.message}", N_DESC_TABLE
                     ) from err
-            if flags & DESC_F_WRITE:
-                writable.extend(views)
-                write_len += length
-            else:
-                if writable:
-                    raise RingError(
-                        f"chain at head {head}: device-readable descriptor after a writable one",
-                        N_MSG_FRAMING,
-                    )
-                readable.extend(views)
-                read_len += length
+                if flags & DESC_F_WRITE:
+                    writable.extend(views)
+                    write_len += length
+                else:
+                    if writable:
+                        raise RingError(
+                            f"chain at head {head}: device-readable descriptor after a "
+                            "writable one",
+                            N_MSG_FRAMING,
+                        )
+                    readable.extend(views)
+                    read_len += length
             if read_len + write_len >= _MAX_CHAIN_BYTES:
                 raise RingError(f"chain at head {head} is 2^32 bytes or longer", N_DESC_TABLE)
             if not flags & DESC_F_NEXT:

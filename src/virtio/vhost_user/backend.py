@@ -707,13 +707,34 @@ class BackendSession:
         vring.started = False
         self.registers.stop_queue(vring.index)
 
-    def kick(self, index: int) -> None:
-        """The ring's kick fd fired (or a poll is due): serve what is available."""
+    def kick(self, index: int, *, rearm: bool = True) -> int:
+        """The ring's kick fd fired (or a poll is due): serve what is available.
+
+        Returns the chains served. ``rearm=False`` leaves kicks off: the adapter
+        goes on polling the ring, and calls :meth:`rearm` when it stops.
+        """
         vring = self.vrings[index]
         if not vring.started:
             self._maybe_start(vring)
         if vring.started and vring.enabled:
-            self.registers.notify(queue=index)
+            return self.registers.notify(queue=index, rearm=rearm)
+        return 0
+
+    def poll(self) -> int:
+        """Serve every running ring without waiting for kicks; kicks stay off. Chains served."""
+        served = 0
+        for vring in self.vrings:
+            if vring.started and vring.enabled:
+                served += self.registers.poll_queue(vring.index)
+        return served
+
+    def rearm(self) -> int:
+        """Stop polling: kicks back on for every running ring (serving what came meanwhile)."""
+        served = 0
+        for vring in self.vrings:
+            if vring.started and vring.enabled:
+                served += self.registers.rearm_queue(vring.index)
+        return served
 
     # dirty-page logging (VHOST_F_LOG_ALL, for live migration) ------------------------------
 

@@ -117,12 +117,60 @@ class OsHost:
             log.warning("back-end request channel: %s", err)
 
 
-class VhostUserServer:
-    """Serves a device model to vhost-user front-ends on a Unix socket."""
+class AdaptivePolling:
+    """When to poll the rings instead of sleeping until a kick (as QEMU's poll-max-ns).
 
-    def __init__(self, path: str | os.PathLike[str], device: VirtioDevice) -> None:
+    After serving a kick the loop keeps polling the rings, kicks off, for up to
+    ``window`` seconds; work found keeps it polling. The window adapts to the
+    driver: if the next kick after giving up came within ``max_window`` (polling
+    a little longer would have caught it), the window doubles; if it came later
+    (the poll was wasted), it halves, down to 0 (no polling). A guest that sends
+    requests milliseconds apart is never polled for; a driver waiting on its
+    requests microseconds apart is polled for, and spared its kicks and our wake-up.
+    """
+
+    def __init__(self, max_window: float) -> None:
+        self.max_window = max(0.0, max_window)
+        self.window = self.max_window / 4
+        self.active = False
+        self._last_work = 0.0
+        self._gave_up: float | None = None
+
+    def kicked(self, now: float) -> None:
+        if self._gave_up is not None and self.max_window:
+            idle = now - self._gave_up
+            if idle < self.max_window:
+                self.window = min(self.max_window, max(2 * self.window, 2e-6))
+            else:
+                self.window = self.window / 2 if self.window > 2e-6 else 0.0
+            self._gave_up = None
+
+    def step(self, now: float, served: int) -> bool:
+        """After a poll that served ``served`` chains: True to keep polling."""
+        if served:
+            self._last_work = now
+            self.active = self.window > 0
+            return self.active
+        if self.active and now - self._last_work < self.window:
+            return True
+        self.active = False
+        self._gave_up = now
+        return False
+
+
+class VhostUserServer:
+    """Serves a device model to vhost-user front-ends on a Unix socket.
+
+    ``poll_us`` is the longest the loop polls the rings for after serving
+    (adaptive, see :class:`AdaptivePolling`; 0: never poll).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], device: VirtioDevice, *, poll_us: float = 100.0
+    ) -> None:
         self.path = Path(path)
         self.device = device
+        self.poll_us = poll_us
         self.stop_event = threading.Event()
         self.connections = 0
         self.listener: socket.socket | None = None
@@ -205,12 +253,17 @@ class VhostUserServer:
 
         events.add_listener(sync_device_fds)
         sync_device_fds()
+        poll = AdaptivePolling(self.poll_us / 1e6)
         try:
             while not self.stop_event.is_set():
                 timeout = _POLL_INTERVAL if host.polled else 0.2
                 deadline = events.next_deadline(time.monotonic())
                 if deadline is not None:
                     timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+                if poll.active:
+                    timeout = 0.0  # polling the rings: only look at the fds
+                served = 0
+                unarmed = False  # a kick was served leaving kicks off: rearm them later
                 for fd, _mask in poller.poll(timeout):
                     if fd == conn.fileno():
                         if not self._read_messages(conn, session):
@@ -218,20 +271,40 @@ class VhostUserServer:
                     elif fd in host.kick_fds:
                         with contextlib.suppress(BlockingIOError):
                             os.read(fd, 8)
-                        if not self._kick(session, host.kick_fds[fd]):
+                        poll.kicked(time.monotonic())
+                        polling = poll.window > 0
+                        count = self._kick(session, host.kick_fds[fd], polling)
+                        if count is None:
                             return
+                        served += count
+                        unarmed = unarmed or polling
                     elif fd in watched and not self._device_event(fd):
                         return
                 for index in list(host.polled):
-                    if not self._kick(session, index):
+                    if self._kick(session, index, True) is None:
                         return
                 if deadline is not None and not self._device_event(None):
+                    return
+                if (poll.active or unarmed) and not self._poll_rings(session, poll, served):
                     return
         finally:
             events.remove_listener(sync_device_fds)
             for fd in watched:
                 with contextlib.suppress(OSError, ValueError):
                     poller.unregister(fd)
+
+    def _poll_rings(self, session: BackendSession, poll: AdaptivePolling, served: int) -> bool:
+        """One polling step; kicks go back on when the window passes with nothing new."""
+        now = time.monotonic()
+        try:
+            if not served:
+                served = session.poll()
+            if not poll.step(now, served):
+                session.rearm()
+        except Exception as err:
+            _log_failure("polling the rings failed, closing the connection", err)
+            return False
+        return True
 
     def _device_event(self, fd: int | None) -> bool:
         """Serve a device fd that became readable (None: the due timers); False to drop."""
@@ -257,14 +330,13 @@ class VhostUserServer:
         except Exception as err:
             _log_failure("cannot flush the device", err)
 
-    def _kick(self, session: BackendSession, index: int) -> bool:
-        """Serve ring ``index``; False when the connection should close."""
+    def _kick(self, session: BackendSession, index: int, polling: bool) -> int | None:
+        """Serve ring ``index``; the chains served, or None when the connection should close."""
         try:
-            session.kick(index)
+            return session.kick(index, rearm=not polling)
         except Exception as err:
             _log_failure(f"ring {index}: serving a kick failed, closing the connection", err)
-            return False
-        return True
+            return None
 
     def _read_messages(self, conn: socket.socket, session: BackendSession) -> bool:
         """Handle every message waiting on the connection; False when it should close."""
