@@ -233,10 +233,12 @@ def test_large_blk_transfers_run_on_worker_threads(tmp_path: Path, threaded: boo
             for request in requests:
                 driver.wait(request, 10)
                 assert driver.finish(request, "write") == b""
-            assert device.stats["deferred"] == 3
+            # Both workers took one; with both busy, the ring's thread copied the third.
+            assert device.stats["deferred"] == 2 and device.stats["write"] == 3
             assert driver.read(2048, 1 << 20) == payload
+            assert device.stats["deferred"] == 3
             driver.write(0, b"s" * 512)  # small: served inline
-            assert device.stats["deferred"] == 4
+            assert device.stats["deferred"] == 3
     finally:
         device.close()
     data = image.read_bytes()

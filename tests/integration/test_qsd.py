@@ -168,3 +168,21 @@ def test_bench_guest_runs_fio_on_both(capsys: pytest.CaptureFixture[str]) -> Non
     assert data["vm"] == "uml" and len(data["rows"]) == 4
     for r in data["rows"]:
         assert r["pyvirtio_iops"] > 0 and r["qsd_iops"] > 0
+
+
+def test_bench_latency_breaks_a_request_down(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from virtio.cli import main
+
+    assert main(["bench", "latency", "--requests", "200", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    polled, kicked = data["polling (--poll-us 100)"], data["kicks only (--poll-us 0)"]
+    end_to_end = "kick written -> driver sees it (end to end)"
+    for stages in (polled, kicked):
+        assert stages[end_to_end] > 0
+        assert 0 < stages["request handled (header, preadv, status byte)"] < stages[end_to_end]
+    # Only a back-end woken by the kick has a wake-up to time.
+    assert "  of which: kick -> back-end loop awake (epoll wake-up)" in kicked
+    assert "  of which: kick -> back-end loop awake (epoll wake-up)" not in polled
+    assert data["qemu-storage-daemon end to end"] > 0
