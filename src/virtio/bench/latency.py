@@ -61,7 +61,7 @@ def _serve_traced(sock: str, image: str, trace: str, poll_us: float, packed: boo
 
     clock = time.monotonic_ns
     stamps: dict[str, list[int]] = {k: [] for k in ("wake", "popped", "handle", "handled")}
-    stamps.update(pushed=[], signalled=[])
+    stamps.update(pushed=[])
     woke = [0]
 
     def traced(
@@ -100,7 +100,12 @@ def _serve_traced(sock: str, image: str, trace: str, poll_us: float, packed: boo
         traced(ring, "push_many", None, lambda _s, _r: stamps["pushed"].append(clock()))
     traced(BlkDevice, "handle_chain", lambda _s, _a: stamps["handle"].append(clock()),
            lambda _s, _r: stamps["handled"].append(clock()))  # fmt: skip
-    traced(server_module.OsHost, "signal", lambda _s, _a: stamps["signalled"].append(clock()), None)
+    signals: list[tuple[int, int]] = []  # (the push it follows, time)
+
+    def on_signal(_self: object, _args: object) -> None:
+        signals.append((len(stamps["pushed"]) - 1, clock()))
+
+    traced(server_module.OsHost, "signal", on_signal, None)
 
     device = BlkDevice(image, ring=RingOptions(packed=packed))
     server = server_module.VhostUserServer(sock, device, poll_us=poll_us)
@@ -109,7 +114,7 @@ def _serve_traced(sock: str, image: str, trace: str, poll_us: float, packed: boo
         server.serve_forever()
     finally:
         device.close()
-        Path(trace).write_text(json.dumps(stamps))
+        Path(trace).write_text(json.dumps({**stamps, "signals": signals}))
 
 
 # -- the driver side ------------------------------------------------------------------
@@ -153,17 +158,24 @@ def _qd1_reads(sock: Path, count: int, sleep_on_call: bool) -> dict[str, list[in
     return {"kick": kicks, "seen": seen}
 
 
-def _medians(
-    trace: dict[str, list[int]], driver: dict[str, list[int]], woken: bool
-) -> dict[str, float]:
+def _medians(trace: dict[str, Any], driver: dict[str, list[int]], woken: bool) -> dict[str, float]:
     n = len(driver["kick"])
     # The back-end served 50 warm-up requests first; its last n stamps match ours.
-    rows = {key: values[-n:] for key, values in trace.items() if len(values) >= n}
+    rows = {
+        key: values[-n:] for key, values in trace.items() if key != "signals" and len(values) >= n
+    }
     rows.update(driver)
     out: dict[str, float] = {}
     for name, start, end in STAGES:
         if not woken and "wake" in (start, end):
             continue  # polling found the request: no wake-up to time
+        if end == "signalled":
+            # Only the pushes the driver wanted a call for have one.
+            pushed = trace["pushed"]
+            deltas = [(t - pushed[i]) / 1000 for i, t in trace["signals"][-n:] if i >= 0]
+            if deltas:
+                out[name] = round(statistics.median(deltas), 1)
+            continue
         if start in rows and end in rows:
             deltas = [(b - a) / 1000 for a, b in zip(rows[start], rows[end], strict=True)]
             out[name] = round(statistics.median(deltas), 1)
