@@ -59,3 +59,36 @@ def test_bad_input_gets_a_clear_error(tmp_path: Path) -> None:
         text=True,
     )
     assert out.returncode == 1 and "cannot listen" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_finds_device_types_by_name(tmp_path: Path) -> None:
+    sock = tmp_path / "rng.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "virtio.cli", "serve", "rng", "--socket", str(sock)],
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 15
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    from virtio.devices.rng import RngDriver
+    from virtio.spec.device_ids import DeviceId
+    from virtio.vhost_user.frontend import VhostUserFrontend
+
+    with VhostUserFrontend(str(sock), device_id=DeviceId.ENTROPY) as frontend:
+        driver = RngDriver(frontend)
+        driver.initialize()
+        assert len(driver.read(16)) == 16
+        driver.reset()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0 and not sock.exists()
+    assert "virtio_uml.device=" in err.decode() and ":4" in err.decode()
+    for args, message in (
+        (["rng", "--socket", str(sock), "--max-bytes", "0"], "--max-bytes must be at least 1"),
+        (["nosuch", "--socket", str(sock)], "unknown device type 'nosuch'"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "virtio.cli", "serve", *args], capture_output=True, text=True
+        )
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

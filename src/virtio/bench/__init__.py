@@ -6,10 +6,13 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    from virtio.devices.registry import device_types
+
+    types = device_types()
+    benches = {name: t for name, t in types.items() if t.bench is not None}
     if not argv or argv[0] in ("-h", "--help"):
-        print(
-            "usage: virtio bench {ring,blk,backends,latency,guest} [options]  (see `virtio bench ring --help`)"
-        )
+        kinds = ",".join(["ring", *benches, "backends", "latency", "guest"])
+        print(f"usage: virtio bench {{{kinds}}} [options]  (see `virtio bench ring --help`)")
         return 0 if argv else 2
     kind, rest = argv[0], argv[1:]
     if kind == "ring":
@@ -28,12 +31,16 @@ def main(argv: list[str]) -> int:
         from virtio.bench.latency import main as latency_main
 
         return latency_main(rest)
-    if kind == "blk":
-        from virtio.bench.blk import main as blk_main
-
-        return blk_main(rest)
+    if kind in types:
+        # A device type's own load generator, found through the registry.
+        bench = types[kind].bench_main()
+        if bench is None:
+            print(f"virtio bench: device type {kind!r} has no load generator", file=sys.stderr)
+            return 2
+        return bench(rest)
     print(
-        f"virtio bench: unknown benchmark {kind!r} (ring, blk, backends, latency, guest)",
+        f"virtio bench: unknown benchmark {kind!r} (ring, backends, latency, guest, "
+        f"or a device type: {', '.join(benches)})",
         file=sys.stderr,
     )
     return 2

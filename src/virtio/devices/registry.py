@@ -53,6 +53,16 @@ class DeviceType:
     qemu_vhost_user_device: str | None = None
     #: The number of queues a vhost-user front-end should ask for, from parsed options.
     num_queues: Callable[[argparse.Namespace], int] = lambda _args: 1
+    #: ``module:function`` of the type's load generator (`virtio bench TYPE`), if any.
+    bench: str | None = None
+
+    def bench_main(self) -> Callable[[list[str]], int] | None:
+        """The type's benchmark entry point, imported on demand."""
+        if self.bench is None:
+            return None
+        module, _, name = self.bench.partition(":")
+        main: Callable[[list[str]], int] = getattr(importlib.import_module(module), name)
+        return main
 
 
 @functools.cache

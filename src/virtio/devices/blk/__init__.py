@@ -17,6 +17,7 @@ DEVICE_TYPE = DeviceType(
     example=_options.example,
     qemu_vhost_user_device="vhost-user-blk-pci",
     num_queues=lambda args: int(args.num_queues),
+    bench="virtio.bench.blk:main",
 )
 
 __all__ = ["DEVICE_TYPE", "BlkDevice", "BlkDriver", "BlkError", "BlkGeometry", "BlkOptions"]
