@@ -142,26 +142,32 @@ def test_out_of_range_queue_select_reads_zero_and_writes_nothing(tmp_path: Path)
         device.close()
 
 
-@pytest.mark.normative(N_QRESET_DEV)
-def test_queue_reset_register_reads_zero_once_done() -> None:
+def live_rng(device: RngDevice, features: int) -> tuple[DeviceRegisters, GuestMemory, RingLayout]:
+    """An entropy device brought live through the registers, its queue 0 at 0x1000."""
     memory = GuestMemory()
     memory.add(0, bytearray(1 << 20))
-    device = RngDevice()
     device.attach_memory(memory)
     regs = DeviceRegisters(device)
     for value in (S.ACKNOWLEDGE, S.ACKNOWLEDGE | S.DRIVER):
         regs.status = value
-    accept(regs, 1 << F.VIRTIO_F_VERSION_1 | 1 << F.VIRTIO_F_RING_RESET)
+    accept(regs, features)
     regs.status = S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK
     layout = RingLayout.contiguous(0x1000, 8)
     regs.queue_size = 8
-    regs.queue_desc, regs.queue_driver, regs.queue_device = (
-        layout.desc,
-        layout.driver,
-        layout.device,
-    )
+    regs.queue_desc, regs.queue_driver = layout.desc, layout.driver
+    regs.queue_device = layout.device
     regs.queue_enable = 1
     regs.status = S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK
+    assert device.live
+    return regs, memory, layout
+
+
+@pytest.mark.normative(N_QRESET_DEV)
+def test_queue_reset_register_reads_zero_once_done() -> None:
+    device = RngDevice()
+    regs, _memory, _layout = live_rng(
+        device, 1 << F.VIRTIO_F_VERSION_1 | 1 << F.VIRTIO_F_RING_RESET
+    )
     regs.queue_reset = 1
     # Reset completed within the write: queue_reset and queue_enable both read 0.
     assert regs.queue_reset == 0 and regs.queue_enable == 0
@@ -170,24 +176,9 @@ def test_queue_reset_register_reads_zero_once_done() -> None:
 
 @pytest.mark.normative(N_INIT_DRV, N_BLK_DEV_OP)
 def test_notification_data_is_decoded_per_the_spec(tmp_path: Path) -> None:
-    memory = GuestMemory()
-    memory.add(0, bytearray(1 << 20))
     device = RngDevice(ring=RingOptions(notification_data=True, packed=False))
-    device.attach_memory(memory)
-    regs = DeviceRegisters(device)
-    for value in (S.ACKNOWLEDGE, S.ACKNOWLEDGE | S.DRIVER):
-        regs.status = value
-    accept(regs, 1 << F.VIRTIO_F_VERSION_1 | 1 << F.VIRTIO_F_NOTIFICATION_DATA)
-    regs.status = S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK
-    layout = RingLayout.contiguous(0x1000, 8)
-    regs.queue_size = 8
-    regs.queue_desc, regs.queue_driver, regs.queue_device = (
-        layout.desc,
-        layout.driver,
-        layout.device,
-    )
-    regs.queue_enable = 1
-    regs.status = S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK
+    features = 1 << F.VIRTIO_F_VERSION_1 | 1 << F.VIRTIO_F_NOTIFICATION_DATA
+    regs, memory, layout = live_rng(device, features)
     ring = driver_queue(memory, layout, allocator=Allocator(0x10000, 0x10000))
     ring.add([], [(0x20000, 8)], "x")
     data = ring.notification_value()

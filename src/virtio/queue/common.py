@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from virtio.errors import DeviceModelError
 from virtio.layout import Bits, ByteOrder, Layout, le16, le32, le64
 
 MAX_QUEUE_SIZE = 32768
@@ -252,6 +254,25 @@ def refusal(chain: Chain, written: int) -> str:
         f"buffer {chain.head}: {written} bytes written, but it has {chain.write_len} "
         f"device-writable bytes [{N_USED_RING_DEV}]"
     )
+
+
+def take_in_order(expected: deque[Chain], items: Sequence[tuple[Chain, int]]) -> None:
+    """Check a push against VIRTIO_F_IN_ORDER (and each item's length); consume it.
+
+    ``expected`` holds the popped chains in the order they were made available.
+    """
+    for chain, written in items:
+        if not chain.live or not 0 <= written <= chain.write_len:
+            raise DeviceModelError(refusal(chain, written))
+    if len(items) > len(expected) or any(
+        chain is not expected[i] for i, (chain, _) in enumerate(items)
+    ):
+        raise DeviceModelError(
+            f"buffer {items[0][0].head} pushed out of order with VIRTIO_F_IN_ORDER "
+            f"(next in order: {expected[0].head if expected else 'none'}) [{N_IN_ORDER_DEV}]"
+        )
+    for _ in items:
+        expected.popleft()
 
 
 class InflightTracker(Protocol):

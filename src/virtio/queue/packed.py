@@ -20,7 +20,6 @@ from virtio.queue.common import (
     DESC_F_USED,
     DESC_F_WRITE,
     MAX_QUEUE_SIZE,
-    N_IN_ORDER_DEV,
     N_MSG_FRAMING,
     N_PACKED_ALIGN,
     N_PACKED_DESC_DEV,
@@ -39,6 +38,7 @@ from virtio.queue.common import (
     fast_region,
     need_event,
     refusal,
+    take_in_order,
     u16_array,
     u32_array,
 )
@@ -459,19 +459,7 @@ class PackedDeviceQueue:
             tracker.completed()
 
     def _check_in_order(self, items: Sequence[tuple[Chain, int]]) -> None:
-        for chain, written in items:
-            if not chain.live or not 0 <= written <= chain.write_len:
-                raise DeviceModelError(refusal(chain, written))
-        expected = self._in_order_chains
-        if len(items) > len(expected) or any(
-            chain is not expected[i] for i, (chain, _) in enumerate(items)
-        ):
-            raise DeviceModelError(
-                f"buffer {items[0][0].head} pushed out of order with VIRTIO_F_IN_ORDER "
-                f"(next in order: {expected[0].head if expected else 'none'}) [{N_IN_ORDER_DEV}]"
-            )
-        for _ in items:
-            expected.popleft()
+        take_in_order(self._in_order_chains, items)
 
     def needs_notify(self) -> bool:
         # The used flags must be visible before the driver's event structure is read.

@@ -26,7 +26,6 @@ from virtio.queue.common import (
     N_ALIGN,
     N_AVAIL_RING,
     N_DESC_TABLE,
-    N_IN_ORDER_DEV,
     N_INDIRECT,
     N_MSG_FRAMING,
     N_USED_RING_DEV,
@@ -42,6 +41,7 @@ from virtio.queue.common import (
     fast_region,
     need_event,
     refusal,
+    take_in_order,
     u16_array,
     u32_array,
 )
@@ -412,19 +412,7 @@ class SplitDeviceQueue:
         raise DeviceModelError(reason)
 
     def _check_in_order(self, items: Sequence[tuple[Chain, int]]) -> None:
-        for chain, written in items:
-            if not chain.live or not 0 <= written <= chain.write_len:
-                raise DeviceModelError(refusal(chain, written))
-        expected = self._in_order_chains
-        if len(items) > len(expected) or any(
-            chain is not expected[i] for i, (chain, _) in enumerate(items)
-        ):
-            raise DeviceModelError(
-                f"buffer {items[0][0].head} pushed out of order with VIRTIO_F_IN_ORDER "
-                f"(next in order: {expected[0].head if expected else 'none'}) [{N_IN_ORDER_DEV}]"
-            )
-        for _ in items:
-            expected.popleft()
+        take_in_order(self._in_order_chains, items)
 
     def needs_notify(self) -> bool:
         """Whether the driver wants a used-buffer notification for what was pushed."""
