@@ -164,6 +164,46 @@ def test_driver_suspends_verifies_and_resumes() -> None:
         assert len(driver.read(8)) == 8
 
 
+N_QRESET_DRV = (
+    "drivernormative:Basic Facilities of a Virtio Device / Virtqueues / Virtqueue Reset / "
+    "Virtqueue Reset"
+)
+
+
+class SlowReset(Loopback):
+    """A transport whose queue reset takes a few reads to complete."""
+
+    polls = 0
+
+    def queue_reset_done(self, index: int) -> bool:
+        self.polls += 1
+        return self.polls > 3 and super().queue_reset_done(index)
+
+
+@pytest.mark.normative(N_QRESET_DRV)
+def test_the_driver_waits_for_the_queue_reset_to_complete() -> None:
+    with SlowReset(RngDevice()) as lb:
+        driver = RngDriver(lb)
+        driver.initialize()
+        request = driver.submit(0, [], [8])
+        assert driver.reset_queue(0) == [request]
+        assert lb.polls == 4  # it read the reset state until the device showed it done
+        assert len(driver.read(8)) == 8
+
+    class NeverDone(Loopback):
+        def queue_reset_done(self, index: int) -> bool:
+            return False
+
+    with NeverDone(RngDevice()) as lb:
+        driver = RngDriver(lb)
+        driver.initialize()
+        request = driver.submit(0, [], [8])
+        with pytest.raises(NegotiationError, match="did not reset"):
+            driver.reset_queue(0, timeout=0.2)
+        # The buffers stay with the device: it never showed the reset done.
+        assert driver.queues[0].outstanding == 1 and driver.broken is not None
+
+
 @pytest.mark.normative(N_REENABLE_DRV, N_REENABLE_DEV)
 def test_queue_reset_and_re_enable_from_the_driver() -> None:
     with Loopback(RngDevice()) as lb:

@@ -46,6 +46,10 @@ N_RESET_DRV = "drivernormative:Basic Facilities of a Virtio Device / Device Rese
 N_STATUS_DEV = "devicenormative:Basic Facilities of a Virtio Device / Device Status Field"
 N_CONFIG_DRV = "drivernormative:Basic Facilities of a Virtio Device / Device Configuration Space"
 N_SUSPEND_DRV = "drivernormative:General Initialization And Device Operation / Device Suspend"
+N_QRESET_DRV = (
+    "drivernormative:Basic Facilities of a Virtio Device / Virtqueues / Virtqueue Reset / "
+    "Virtqueue Reset"
+)
 
 # The core features this driver core knows how to use.
 CORE_FEATURES = (
@@ -89,6 +93,7 @@ class DriverTransport(Protocol):
     def queue_max_size(self, index: int) -> int: ...
     def setup_queue(self, index: int, layout: RingLayout) -> None: ...
     def reset_queue(self, index: int) -> None: ...
+    def queue_reset_done(self, index: int) -> bool: ...
     def notify(self, index: int, value: int) -> None: ...
     def set_interrupt_handlers(
         self, used: Callable[[int], None], config: Callable[[], None]
@@ -315,12 +320,19 @@ class VirtioDriver:
         t.setup_queue(index, layout)
         return q
 
-    def reset_queue(self, index: int) -> list[object]:
-        """Per-queue reset and re-enable (VIRTIO_F_RING_RESET); returns detached tokens."""
+    def reset_queue(self, index: int, timeout: float = 5.0) -> list[object]:
+        """Per-queue reset and re-enable (VIRTIO_F_RING_RESET); returns detached tokens.
+
+        The buffers come back only once the device shows the reset complete
+        (queue_reset and queue_enable read 0): until then it may still use them.
+        """
         if not self.has(F.VIRTIO_F_RING_RESET):
             raise NegotiationError("VIRTIO_F_RING_RESET was not negotiated")
         t = self.transport
         t.reset_queue(index)
+        if not t.wait_until(lambda: t.queue_reset_done(index), timeout):
+            self._break(f"queue {index} did not finish its reset in {timeout}s")
+            raise NegotiationError(f"queue {index} did not reset in {timeout}s", N_QRESET_DRV)
         q = self.queues[index]
         tokens = q.detach_unused()
         q.reset()

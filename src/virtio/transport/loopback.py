@@ -259,6 +259,13 @@ class Loopback:
             self.registers.queue_select = index
             self.registers.queue_reset = 1
 
+    def queue_reset_done(self, index: int) -> bool:
+        """queue_reset and queue_enable both read 0 (the PCI and MMIO rule)."""
+        with self._lock:
+            regs = self.registers
+            regs.queue_select = index
+            return regs.queue_reset == 0 and regs.queue_enable == 0
+
     def notify(self, index: int, value: int) -> None:
         self.kicks += 1
         if self.threaded:

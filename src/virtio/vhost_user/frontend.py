@@ -304,6 +304,10 @@ class VhostUserFrontend:
     def reset_queue(self, index: int) -> None:
         self._stop_ring(index)
 
+    def queue_reset_done(self, index: int) -> bool:
+        # GET_VRING_BASE answers once the back-end has stopped the ring.
+        return index not in self.started
+
     def _stop_ring(self, index: int) -> int:
         if self.backend_features >> F_PROTOCOL_FEATURES & 1:
             # Disable first, as a VMM does, so the back-end stops taking requests.
