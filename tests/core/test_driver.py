@@ -182,12 +182,13 @@ class SlowReset(Loopback):
 
 @pytest.mark.normative(N_QRESET_DRV)
 def test_the_driver_waits_for_the_queue_reset_to_complete() -> None:
-    with SlowReset(RngDevice()) as lb:
+    slow = SlowReset(RngDevice())
+    with slow as lb:
         driver = RngDriver(lb)
         driver.initialize()
         request = driver.submit(0, [], [8])
         assert driver.reset_queue(0) == [request]
-        assert lb.polls == 4  # it read the reset state until the device showed it done
+        assert slow.polls == 4  # it read the reset state until the device showed it done
         assert len(driver.read(8)) == 8
 
     class NeverDone(Loopback):
