@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from virtio.core.device import VirtioDevice
+from virtio.core.device import DEFERRED, VirtioDevice
+from virtio.core.driver import VirtioDriver
+from virtio.core.events import Timer
 from virtio.devices.blk import BlkDevice, BlkDriver, BlkOptions
 from virtio.devices.rng import RngDevice, RngDriver
+from virtio.queue import Chain, ChainWriter
 from virtio.spec.device_ids import DeviceId
 from virtio.vhost_user.frontend import VhostUserFrontend
 from virtio.vhost_user.server import VhostUserServer
@@ -83,3 +86,88 @@ def test_a_rate_limited_device_timer_fires_in_the_server_loop(tmp_path: Path) ->
         # Two refills of the budget, each a timer the device asked for.
         assert 0.4 <= elapsed < 8, elapsed
         driver.reset()
+
+
+class HostInput(VirtioDevice):
+    """Answers each request with what the host writes into a pipe, or empty after a timeout.
+
+    Like a console's receive queue: the device watches the pipe's read end and
+    asks for a timer, both through ``self.events``; it never blocks or reads a
+    clock itself.
+    """
+
+    device_id = 4  # an entropy-shaped device: one queue of writable buffers
+
+    def __init__(self, fd: int, timeout: float) -> None:
+        self.fd = fd
+        self.timeout = timeout
+        self.waiting: list[Chain] = []
+        self.timer: Timer | None = None
+        self.answers: list[str] = []
+        super().__init__(num_queues=1)
+
+    def on_driver_ok(self) -> None:
+        self.events.watch(self.fd, self._input)
+
+    def on_reset(self) -> None:
+        self.events.unwatch(self.fd)
+        self.waiting.clear()
+
+    def handle_chain(self, queue_index: int, chain: Chain) -> int | None:
+        self.waiting.append(chain)
+        if self.timer is None:
+            self.timer = self.events.call_later(self.timeout, self._give_up)
+        return DEFERRED
+
+    def _input(self, now: float) -> None:
+        data = os.read(self.fd, 4096)
+        if self.waiting and data:
+            chain = self.waiting.pop(0)
+            self.answers.append("input")
+            self.complete(0, chain, ChainWriter(chain).write(data[: chain.write_len]))
+
+    def _give_up(self, now: float) -> None:
+        self.timer = None
+        if self.waiting:
+            done = [(chain, 0) for chain in self.waiting]
+            self.waiting.clear()
+            self.answers.extend("timeout" for _ in done)
+            self.complete_many(0, done)
+
+
+class InputDriver(VirtioDriver):
+    device_id = 4
+
+
+# Untagged: host event sources are pyvirtio's seam, not a clause of the spec.
+def test_a_device_that_watches_an_fd_and_sets_a_timer(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    device = HostInput(read_end, timeout=0.3)
+    try:
+        with (
+            served(device, tmp_path / "vu.sock") as sock,
+            VhostUserFrontend(str(sock), device_id=4) as frontend,
+        ):
+            driver = InputDriver(frontend)
+            driver.initialize()
+            # Data from the host: the watched fd completes the request.
+            request = driver.submit(0, [], [64])
+            driver.kick(0)
+            time.sleep(0.05)
+            os.write(write_end, b"typed on the host")
+            driver.wait(request, 10)
+            assert driver.read_in(request) == b"typed on the host"
+            driver.release(request)
+            # Nothing from the host: the timer completes it, empty.
+            start = time.monotonic()
+            request = driver.submit(0, [], [64])
+            driver.kick(0)
+            driver.wait(request, 10)
+            assert request.written == 0 and time.monotonic() - start >= 0.25
+            driver.release(request)
+            driver.reset()
+        assert device.answers == ["input", "timeout"]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
