@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from virtio.core.events import EventSources
 
 
 def wait_until(
@@ -29,3 +35,47 @@ def wait_until(
         wait_interrupt(min(remaining, step))
         if predicate():
             return True
+
+
+def serve_events(
+    events: EventSources,
+    timeout: float | None,
+    *,
+    wake_fds: Sequence[int] = (),
+    lock: Any = None,
+) -> bool:
+    """Wait up to ``timeout`` for a device's fds and timers, and serve what is due.
+
+    ``wake_fds`` are eventfds that end the wait early (they are drained, not
+    served); ``lock`` (an RLock or None) is held while the device runs.
+    Returns whether anything of the device's was served.
+    """
+    guard = lock if lock is not None else contextlib.nullcontext()
+    now = time.monotonic()
+    with guard:
+        deadline = events.next_deadline(now)
+        fds = list(events.fds)
+    wait = timeout
+    if deadline is not None:
+        until = max(0.0, deadline - now)
+        wait = until if wait is None else min(wait, until)
+    watched = [*fds, *wake_fds]
+    if not watched:
+        if wait is None:
+            return False
+        time.sleep(wait)
+        ready: list[int] = []
+    else:
+        ready = select.select(watched, [], [], wait)[0]
+    now = time.monotonic()
+    served = False
+    with guard:
+        for fd in ready:
+            if fd in wake_fds:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(fd)
+                continue
+            events.fd_ready(fd, now)
+            served = True
+        served = events.run_due(now) > 0 or served
+    return served

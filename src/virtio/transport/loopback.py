@@ -18,12 +18,9 @@ without one, while the driver waits.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
-import select
 import threading
-import time
 from collections.abc import Callable
 
 from virtio.core.device import VirtioDevice
@@ -33,7 +30,7 @@ from virtio.layout import ByteOrder
 from virtio.memory import Allocator, GuestMemory, Memory, PageTable, TranslatedMemory
 from virtio.queue import RingLayout
 from virtio.queue.common import LEGACY_QUEUE_ALIGN
-from virtio.transport.blocking import wait_until
+from virtio.transport.blocking import serve_events, wait_until
 
 
 def _nothing(_: int) -> None:
@@ -163,32 +160,9 @@ class Loopback:
 
     def _serve_device_events(self, timeout: float | None, *, wake: bool = False) -> bool:
         """Wait for the device's fds and timers (and kicks, in the device thread)."""
-        events = self.device.events
-        now = time.monotonic()
-        with self._lock:
-            deadline = events.next_deadline(now)
-            fds = list(events.fds)
-        wait = timeout
-        if deadline is not None:
-            wait = max(0.0, deadline - now) if wait is None else min(wait, max(0.0, deadline - now))
-        watched = [*fds, self._wake] if wake else fds
-        if not watched and wait is None:
-            return False
-        ready = select.select(watched, [], [], wait)[0] if watched else []
-        if not watched and wait:
-            time.sleep(wait)
-        now = time.monotonic()
-        served = False
-        with self._lock:
-            for fd in ready:
-                if fd == self._wake:
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(self._wake)
-                    continue
-                events.fd_ready(fd, now)
-                served = True
-            served = events.run_due(now) > 0 or served
-        return served
+        return serve_events(
+            self.device.events, timeout, wake_fds=(self._wake,) if wake else (), lock=self._lock
+        )
 
     # -- the driver's side: DriverTransport, mapped onto the registers -------------
 
