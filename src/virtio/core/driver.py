@@ -480,9 +480,15 @@ class VirtioDriver:
     def wait(self, request: Request, timeout: float = 30.0) -> Request:
         """Block (in the transport) until ``request`` is used, or the device breaks."""
 
+        queue = self.queues[request.queue]
+
         def finished() -> bool:
             self._check_usable()
             if not request.done:
+                self.harvest(request.queue)
+            if not request.done and queue.enable_interrupts():
+                # Ask for a used buffer notification (with event idx: used_event =
+                # the next entry), then look once more: it may have come meanwhile.
                 self.harvest(request.queue)
             return request.done
 
