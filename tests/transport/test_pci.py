@@ -1,0 +1,385 @@
+"""virtio-pci, both sides: a PCI function's configuration space and BARs over the seam."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from virtio.core.device import RingOptions
+from virtio.core.registers import ISR_CONFIG, ISR_QUEUE, NO_VECTOR
+from virtio.devices.blk import BlkDevice, BlkDriver
+from virtio.devices.registry import DeviceSettings, device_type, device_types
+from virtio.devices.rng import RngDevice, RngDriver
+from virtio.memory import GuestMemory
+from virtio.queue import RingLayout
+from virtio.spec import features as F
+from virtio.spec.status import DeviceStatus as S
+from virtio.transport.pci import (
+    BAR_LEGACY,
+    BAR_MODERN,
+    BAR_MSIX,
+    CFG_BAR0,
+    CFG_CAPS,
+    CFG_COMMAND,
+    CFG_STATUS,
+    CMD_BUS_MASTER,
+    CMD_MEMORY,
+    COMMON_OFF,
+    DEVICE_OFF,
+    ISR_OFF,
+    MSIX_ENABLE,
+    MSIX_PBA,
+    NOTIFY_OFF,
+    STATUS_CAP_LIST,
+    STATUS_INTERRUPT,
+    CapType,
+    LocalPciBus,
+    NotVirtio,
+    PciFunction,
+    PciTransport,
+    pci_loopback,
+)
+
+P = "Virtio Transport Options / Virtio Over PCI Bus / "
+N_DISCOVERY_DEV = f"devicenormative:{P}PCI Device Discovery"
+N_DISCOVERY_DRV = f"drivernormative:{P}PCI Device Discovery"
+N_LAYOUT_DRV = f"drivernormative:{P}PCI Device Layout"
+N_LAYOUT_DEV = f"devicenormative:{P}PCI Device Layout"
+N_CAPS_DEV = f"devicenormative:{P}Virtio Structure PCI Capabilities"
+N_CAPS_DRV = f"drivernormative:{P}Virtio Structure PCI Capabilities"
+N_COMMON_DEV = f"devicenormative:{P}PCI Device Layout / Common configuration structure layout"
+N_COMMON_DRV = f"drivernormative:{P}PCI Device Layout / Common configuration structure layout"
+N_NOTIFY_CAP_DEV = f"devicenormative:{P}PCI Device Layout / Notification capability"
+N_ISR_DEV = f"devicenormative:{P}PCI Device Layout / ISR status capability"
+N_DEVICE_CFG_DEV = f"devicenormative:{P}PCI Device Layout / Device-specific configuration"
+N_CFG_ACCESS_DEV = f"devicenormative:{P}PCI Device Layout / PCI configuration access capability"
+N_CFG_ACCESS_DRV = f"drivernormative:{P}PCI Device Layout / PCI configuration access capability"
+OPS = f"{P}PCI-specific Initialization And Device Operation / "
+N_MSIX_DEV = f"devicenormative:{OPS}Device Initialization / MSI-X Vector Configuration"
+N_MSIX_DRV = f"drivernormative:{OPS}Device Initialization / MSI-X Vector Configuration"
+N_AVAIL_NOTIFY_DRV = f"drivernormative:{OPS}Available Buffer Notifications"
+N_USED_NOTIFY_DEV = f"devicenormative:{OPS}Used Buffer Notifications"
+N_CONFIG_NOTIFY_DEV = f"devicenormative:{OPS}Notification of Device Configuration Changes"
+N_CONFIG_NOTIFY_DRV = f"drivernormative:{OPS}Notification of Device Configuration Changes"
+N_INIT_DRV = "drivernormative:General Initialization And Device Operation / Device Initialization"
+
+SHAPES = {
+    "modern-msix": {},
+    "modern-intx": {"msix_vectors": 0},
+    "transitional-modern": {"transitional": True},
+    "legacy-msix": {"transitional": True, "force_legacy": True},
+    "legacy-intx": {"transitional": True, "force_legacy": True, "msix_vectors": 0},
+    "legacy-big-endian": {"transitional": True, "force_legacy": True, "legacy_order": "big"},
+}
+
+
+@pytest.mark.normative(N_DISCOVERY_DRV, N_LAYOUT_DRV, N_AVAIL_NOTIFY_DRV, N_CONFIG_NOTIFY_DRV)
+@pytest.mark.normative(N_MSIX_DRV, N_INIT_DRV)
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("name", list(device_types()))
+def test_every_device_type_with_its_driver_over_pci(tmp_path: Path, name: str, shape: str) -> None:
+    kind = device_type(name)
+    device = kind.example(tmp_path, DeviceSettings(ring=RingOptions(notification_data=True)))
+    try:
+        transport = pci_loopback(device, **SHAPES[shape])  # type: ignore[arg-type]
+        assert transport.device_id == kind.device_id
+        assert transport.legacy == ("legacy" in shape)
+        driver = kind.driver(transport)
+        driver.initialize()
+        assert driver.has(F.VIRTIO_F_VERSION_1) != transport.legacy
+        if isinstance(driver, BlkDriver):
+            driver.write(5, b"over pci".ljust(4096, b"."))
+            assert driver.read(5, 4096).startswith(b"over pci")
+        elif isinstance(driver, RngDriver):
+            assert len(driver.read(64)) == 64
+        bus = transport.bus
+        assert isinstance(bus, LocalPciBus)
+        # Interrupts came the configured way: MSI-X messages, or INTx.
+        assert (bus.messages > 0) == ("intx" not in shape)
+        assert not device.needs_reset_reason, device.needs_reset_reason
+        driver.reset()
+        assert transport.read_status() == 0
+    finally:
+        device.close()
+
+
+def function(
+    transitional: bool = False, msix: int = 2
+) -> tuple[PciFunction, list[tuple[int, int]], list[bool]]:
+    device = RngDevice()
+    memory = GuestMemory()
+    memory.add(0, bytearray(1 << 20))
+    device.attach_memory(memory)
+    messages: list[tuple[int, int]] = []
+    lines: list[bool] = []
+    fn = PciFunction(
+        device,
+        transitional=transitional,
+        msix_vectors=msix,
+        msi=lambda a, d: messages.append((a, d)),
+        intx=lines.append,
+    )
+    return fn, messages, lines
+
+
+def caps(fn: PciFunction) -> dict[int, tuple[int, bytes]]:
+    """cfg_type (or 0x11 for MSI-X) -> (position, raw capability bytes), walking the list."""
+    out: dict[int, tuple[int, bytes]] = {}
+    at = fn.config_read(CFG_CAPS, 1)
+    while at:
+        kind = fn.config_read(at, 1)
+        length = 12 if kind == 0x11 else fn.config_read(at + 2, 1)
+        if kind == 0x09 and fn.config_read(at + 3, 1) == CapType.PCI_CFG:
+            length = 16  # pci_cfg_data is a window: reading it is an access of its own
+        raw = bytes(fn.config_read(at + i, 1) for i in range(length))
+        out[0x11 if kind == 0x11 else raw[3]] = (at, raw)
+        at = fn.config_read(at + 1, 1)
+    return out
+
+
+@pytest.mark.normative(N_DISCOVERY_DEV)
+@pytest.mark.parametrize("transitional", [False, True])
+def test_ids_follow_the_discovery_rules(transitional: bool) -> None:
+    fn, _m, _l = function(transitional)
+    vendor, device_id = fn.config_read(0, 2), fn.config_read(2, 2)
+    revision, subsystem = fn.config_read(8, 1), fn.config_read(0x2E, 2)
+    assert vendor == 0x1AF4
+    if transitional:
+        assert device_id == 0x1005 and revision == 0 and subsystem == 4
+    else:
+        assert device_id == 0x1040 + 4 and revision >= 1 and subsystem >= 0x40
+
+
+@pytest.mark.normative(N_CAPS_DEV, N_NOTIFY_CAP_DEV, N_DEVICE_CFG_DEV, N_CFG_ACCESS_DEV)
+def test_capabilities_describe_the_modern_bar() -> None:
+    fn, _m, _l = function()
+    assert fn.config_read(CFG_STATUS, 2) & STATUS_CAP_LIST
+    found = caps(fn)
+    assert {CapType.COMMON, CapType.NOTIFY, CapType.ISR, CapType.DEVICE, CapType.PCI_CFG} <= set(
+        found
+    )
+    for cfg_type in (CapType.COMMON, CapType.NOTIFY, CapType.ISR, CapType.DEVICE):
+        _at, raw = found[cfg_type]
+        bar, offset, length = raw[4], *struct.unpack_from("<II", raw, 8)
+        assert bar == BAR_MODERN and offset % 4 == 0 and length >= 1
+        assert offset + length <= fn.bars[BAR_MODERN].size
+    _at, notify = found[CapType.NOTIFY]
+    assert notify[2] == 20  # cap_len covers notify_off_multiplier
+    multiplier = struct.unpack_from("<I", notify, 16)[0]
+    assert (
+        multiplier and multiplier & (multiplier - 1) == 0 and (multiplier.bit_length() - 1) % 2 == 0
+    )
+    length = struct.unpack_from("<I", notify, 12)[0]
+    assert length >= (fn.registers.num_queues - 1) * multiplier + 4
+    assert found[CapType.PCI_CFG][1][2] == 20  # cap_len covers pci_cfg_data
+    assert not fn.device.status & S.DEVICE_NEEDS_RESET
+
+
+@pytest.mark.normative(N_COMMON_DEV)
+def test_bars_size_and_the_common_configuration_reads_as_specified() -> None:
+    fn, _m, _l = function(transitional=True)
+    for index, bar in fn.bars.items():
+        fn.config_write(CFG_BAR0 + 4 * index, 4, 0xFFFFFFFF)
+        mask = fn.config_read(CFG_BAR0 + 4 * index, 4)
+        assert (~(mask & ~0xF) + 1) & 0xFFFFFFFF == bar.size
+        assert bool(mask & 1) == bar.io
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x00, 4, 1)
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x04, 4) == fn.registers.device_features >> 32
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x00, 4, 5)
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x04, 4) == 0
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x16, 2, 9)  # no queue 9
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x18, 2) == 0
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x16, 2, 0)
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x1C, 2) == 0  # queue_enable 0 at reset
+    # The 64-bit queue addresses take their 32-bit halves independently.
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x24, 4, 0x1)
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x20, 4, 0x2000)
+    assert fn.registers.queue_desc == 0x1_0000_2000
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x24, 4) == 1
+    assert not fn.device.status & S.DEVICE_NEEDS_RESET
+
+
+@pytest.mark.normative(N_COMMON_DEV)
+def test_config_generation_changes_after_any_unseen_change_even_past_256() -> None:
+    fn, _m, _l = function()
+    before = fn.bar_read(BAR_MODERN, COMMON_OFF + 0x15, 1)
+    for _ in range(256):
+        fn.device.update_config(0, b"")  # no reads in between: an 8-bit counter would wrap
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x15, 1) != before
+    same = fn.bar_read(BAR_MODERN, COMMON_OFF + 0x15, 1)
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x15, 1) == same  # nothing changed since
+
+
+def live(fn: PciFunction, *, msix: bool) -> None:
+    """A driver's set-up, register by register, up to DRIVER_OK with queue 0 at 0x1000."""
+    fn.config_write(CFG_COMMAND, 2, CMD_MEMORY | CMD_BUS_MASTER)
+    if msix:
+        for vector in range(fn.msix_vectors):
+            fn.bar_write(BAR_MSIX, 16 * vector, 4, 0xFEE00000)
+            fn.bar_write(BAR_MSIX, 16 * vector + 8, 4, 0x40 + vector)
+            fn.bar_write(BAR_MSIX, 16 * vector + 12, 4, 0)
+        at = caps(fn)[0x11][0]
+        fn.config_write(at + 2, 2, MSIX_ENABLE)
+
+    def common(off: int, size: int, value: int) -> None:
+        fn.bar_write(BAR_MODERN, COMMON_OFF + off, size, value)
+
+    common(0x14, 1, S.ACKNOWLEDGE)
+    common(0x14, 1, S.ACKNOWLEDGE | S.DRIVER)
+    common(0x08, 4, 1)
+    common(0x0C, 4, 1)  # VERSION_1
+    common(0x14, 1, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK)
+    if msix:
+        common(0x10, 2, 0)
+    layout = RingLayout.contiguous(0x1000, 8)
+    common(0x16, 2, 0)
+    common(0x18, 2, 8)
+    for off, addr in ((0x20, layout.desc), (0x28, layout.driver), (0x30, layout.device)):
+        common(off, 4, addr)
+    if msix:
+        common(0x1A, 2, 1)
+    common(0x1C, 2, 1)
+    common(0x14, 1, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
+    assert fn.device.live
+
+
+@pytest.mark.normative(N_ISR_DEV)
+def test_intx_follows_the_isr_and_reading_it_clears_it() -> None:
+    fn, messages, lines = function(msix=0)
+    live(fn, msix=False)
+    fn.device.update_config(0, b"")
+    assert lines == [True] and fn.config_read(CFG_STATUS, 2) & STATUS_INTERRUPT
+    fn.registers.notify_used(0)
+    assert fn.bar_read(BAR_MODERN, ISR_OFF, 1) == ISR_CONFIG | ISR_QUEUE
+    assert lines == [True, False] and not fn.config_read(CFG_STATUS, 2) & STATUS_INTERRUPT
+    assert fn.bar_read(BAR_MODERN, ISR_OFF, 1) == 0 and messages == []
+
+
+@pytest.mark.normative(N_MSIX_DEV, N_USED_NOTIFY_DEV, N_CONFIG_NOTIFY_DEV)
+def test_msix_vectors_masks_and_no_vector() -> None:
+    fn, messages, lines = function(msix=2)
+    live(fn, msix=True)
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x10, 2) == 0
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x16, 2, 0)
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x1A, 2) == 1
+    fn.device.update_config(0, b"")
+    fn.registers.notify_used(0)
+    assert messages == [(0xFEE00000, 0x40), (0xFEE00000, 0x41)] and lines == []
+    # A masked vector is held pending in the PBA and sent when unmasked.
+    fn.bar_write(BAR_MSIX, 16 * 1 + 12, 4, 1)
+    fn.registers.notify_used(0)
+    assert len(messages) == 2 and fn.bar_read(BAR_MSIX, MSIX_PBA, 8) == 0b10
+    fn.bar_write(BAR_MSIX, 16 * 1 + 12, 4, 0)
+    assert messages[-1] == (0xFEE00000, 0x41) and fn.bar_read(BAR_MSIX, MSIX_PBA, 8) == 0
+    # Unmapped (NO_VECTOR): no interrupt at all.
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x1A, 2, NO_VECTOR)
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x10, 2, NO_VECTOR)
+    fn.registers.notify_used(0)
+    fn.device.update_config(0, b"")
+    assert len(messages) == 3 and lines == []
+    # A reset unmaps every event.
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x14, 1, 0)
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x10, 2) == NO_VECTOR
+
+
+@pytest.mark.normative(N_CFG_ACCESS_DEV)
+def test_the_pci_configuration_access_window_reaches_the_bar() -> None:
+    fn, _m, _l = function()
+    at = caps(fn)[CapType.PCI_CFG][0]
+    fn.config_write(at + 4, 1, BAR_MODERN)
+    fn.config_write(at + 8, 4, COMMON_OFF + 0x12)  # num_queues
+    fn.config_write(at + 12, 4, 2)
+    assert fn.config_read(at + 16, 2) == fn.registers.num_queues
+    fn.config_write(at + 8, 4, COMMON_OFF + 0x16)  # queue_select, through the window
+    fn.config_write(at + 16, 2, 0)
+    assert fn.registers.queue_select == 0 and not fn.device.status & S.DEVICE_NEEDS_RESET
+
+
+HOSTILE = [
+    ("a 16-bit write of device_status", N_LAYOUT_DRV, COMMON_OFF + 0x14, 2, 1),
+    ("a 32-bit write of queue_select", N_LAYOUT_DRV, COMMON_OFF + 0x16, 4, 0),
+    ("a write of num_queues", N_COMMON_DRV, COMMON_OFF + 0x12, 2, 3),
+    ("a write of config_generation", N_COMMON_DRV, COMMON_OFF + 0x15, 1, 3),
+    ("0 written to queue_enable", N_COMMON_DRV, COMMON_OFF + 0x1C, 2, 0),
+    ("a queue size that is not a power of 2", N_COMMON_DRV, COMMON_OFF + 0x18, 2, 6),
+    ("a 3-byte device configuration read", N_LAYOUT_DRV, DEVICE_OFF + 1, 3, None),
+    ("a 32-bit notification without NOTIFICATION_DATA", N_AVAIL_NOTIFY_DRV, NOTIFY_OFF, 4, 0),
+    ("an event mapped outside the MSI-X table", N_MSIX_DRV, COMMON_OFF + 0x10, 2, 9),
+]
+
+
+@pytest.mark.normative(N_LAYOUT_DRV, N_COMMON_DRV, N_AVAIL_NOTIFY_DRV, N_MSIX_DRV)
+@pytest.mark.parametrize("what,rule,offset,size,value", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_accesses_need_reset(
+    what: str, rule: str, offset: int, size: int, value: int | None
+) -> None:
+    fn, _m, _l = function()
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x14, 1, S.ACKNOWLEDGE)
+    if value is None:
+        assert fn.bar_read(BAR_MODERN, offset, size) == 0
+    else:
+        fn.bar_write(BAR_MODERN, offset, size, value)
+    reason = fn.device.needs_reset_reason
+    assert fn.device.status & S.DEVICE_NEEDS_RESET, what
+    assert reason is not None and rule in reason, reason
+
+
+@pytest.mark.normative(N_CFG_ACCESS_DRV)
+def test_a_misaligned_configuration_window_access_needs_reset() -> None:
+    fn, _m, _l = function()
+    at = caps(fn)[CapType.PCI_CFG][0]
+    fn.config_write(at + 4, 1, BAR_MODERN)
+    fn.config_write(at + 8, 4, COMMON_OFF + 0x13)
+    fn.config_write(at + 12, 4, 2)
+    fn.config_read(at + 16, 2)
+    reason = fn.device.needs_reset_reason
+    assert reason is not None and N_CFG_ACCESS_DRV in reason
+
+
+class Bus(LocalPciBus):
+    def __init__(self, fn: PciFunction, vendor: int | None = None) -> None:
+        super().__init__(fn)
+        self.vendor = vendor
+
+    def config_read(self, offset: int, size: int) -> int:
+        if offset == 0 and self.vendor is not None:
+            return self.vendor
+        return super().config_read(offset, size)
+
+
+@pytest.mark.normative(N_DISCOVERY_DRV, N_CAPS_DRV)
+def test_the_driver_matches_only_virtio_functions() -> None:
+    memory = GuestMemory()
+    from virtio.memory import Allocator
+
+    alloc = Allocator(0x1000, 0x1000)
+    fn, _m, _l = function()
+    with pytest.raises(NotVirtio, match="not a virtio function"):
+        PciTransport(Bus(fn, vendor=0x8086), memory, alloc)
+    fn, _m, _l = function()
+    with pytest.raises(NotVirtio, match="no legacy I/O BAR"):
+        PciTransport(Bus(fn), memory, alloc, force_legacy=True)  # a modern-only function
+    fn, _m, _l = function(transitional=True)
+    transport = PciTransport(Bus(fn), memory, alloc)
+    assert transport.device_id == 4 and not transport.legacy  # transitional, used as modern
+    assert set(transport.caps) >= {CapType.COMMON, CapType.NOTIFY, CapType.ISR, CapType.DEVICE}
+    assert fn.bars[BAR_LEGACY].io
+
+
+@pytest.mark.normative(N_LAYOUT_DEV)
+def test_blk_capacity_as_two_independent_halves(tmp_path: Path) -> None:
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(3 << 20))
+    device = BlkDevice(image)
+    try:
+        memory = GuestMemory()
+        memory.add(0, bytearray(1 << 20))
+        device.attach_memory(memory)
+        fn = PciFunction(device)
+        low = fn.bar_read(BAR_MODERN, DEVICE_OFF, 4)
+        high = fn.bar_read(BAR_MODERN, DEVICE_OFF + 4, 4)
+        assert low | high << 32 == (3 << 20) // 512
+    finally:
+        device.close()
