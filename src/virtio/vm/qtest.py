@@ -5,7 +5,9 @@ write the guest's physical address space and see interrupt lines
 (``irq_intercept_in``). :func:`qemu_machine` starts a QEMU with a firmware
 that only halts (so nothing in the guest touches the devices), guest RAM in
 a shared file this process maps too (the rings and buffers pyvirtio's driver
-builds are the guest's memory), and the devices asked for. On ``microvm`` the
+builds are the guest's memory), and the devices asked for. On ``q35``, :class:`QtestPciBus` reaches a PCI function
+(configuration space by port I/O, BARs it assigns itself, MSI-X messages
+aimed at guest RAM it reads back, INTA# on GSI 20 + slot % 4). On ``microvm`` the
 virtio-mmio windows sit at 0xfeb00000 + 0x200 * slot, their lines on GSI
 5 + slot (``ioapic2=off``: 8 slots; measured with QEMU 7.2, the last device
 added takes the highest slot); :class:`QtestMmioBus` is an
@@ -35,6 +37,7 @@ from pathlib import Path
 
 from virtio.memory import Allocator, GuestMemory
 from virtio.transport.mmio import MAGIC, MmioTransport, NoDevice, Reg
+from virtio.transport.pci import VENDOR, NotVirtio, PciTransport
 
 MMIO_BASE = 0xFEB00000
 MMIO_STRIDE = 0x200
@@ -122,6 +125,14 @@ class QtestClient:
         verb = {1: "writeb", 2: "writew", 4: "writel", 8: "writeq"}[size]
         self.command(f"{verb} {addr:#x} {value:#x}")
 
+    def read_io(self, port: int, size: int) -> int:
+        verb = {1: "inb", 2: "inw", 4: "inl"}[size]
+        return int(self.command(f"{verb} {port:#x}"), 16)
+
+    def write_io(self, port: int, size: int, value: int) -> None:
+        verb = {1: "outb", 2: "outw", 4: "outl"}[size]
+        self.command(f"{verb} {port:#x} {value:#x}")
+
     def wait_irq(self, gsi: int, timeout: float | None) -> bool:
         """Until line ``gsi`` is raised (True) or ``timeout`` passes (False)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -135,6 +146,115 @@ class QtestClient:
             if not self._event(line):
                 raise QtestError(f"unexpected qtest line {line!r}")
         return True
+
+
+PCI_CONFIG_ADDRESS, PCI_CONFIG_DATA = 0xCF8, 0xCFC
+PCI_MEMORY_BASE = 0xC000_0000  # where this "firmware" puts memory BARs (q35's PCI hole)
+PCI_IO_BASE = 0xC000
+MSI_MAILBOX = 0x8000  # guest RAM the MSI-X messages are aimed at: this process reads them there
+MSI_MARK = 0x5A5A0000
+
+
+class QtestPciBus:
+    """A PciBus onto one of QEMU's PCI functions (bus 0): port I/O for its
+    configuration space, the guest's physical address space for its BARs.
+
+    No firmware ran, so :meth:`assign` does a firmware's job: sizes the BARs and
+    gives them addresses. MSI-X messages are aimed at guest RAM
+    (``MSI_MAILBOX``), which this process maps: a message is a memory write, so
+    reading the mailbox tells which vector fired. INTx is a line the qtest
+    client sees (``irq_intercept_in``).
+    """
+
+    def __init__(self, client: QtestClient, memory: GuestMemory, slot: int, gsi: int) -> None:
+        self.client = client
+        self.memory = memory
+        self.slot = slot
+        self.gsi = gsi
+        self.bars: dict[int, tuple[int, bool]] = {}  # index -> (base, io)
+        self.accesses = 0
+        self.messages = 0
+
+    def _address(self, offset: int) -> int:
+        return 0x8000_0000 | self.slot << 11 | (offset & 0xFC)
+
+    def config_read(self, offset: int, size: int) -> int:
+        self.accesses += 1
+        self.client.write_io(PCI_CONFIG_ADDRESS, 4, self._address(offset))
+        return self.client.read_io(PCI_CONFIG_DATA + (offset & 3), size)
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        self.accesses += 1
+        self.client.write_io(PCI_CONFIG_ADDRESS, 4, self._address(offset))
+        self.client.write_io(PCI_CONFIG_DATA + (offset & 3), size, value)
+
+    def assign(self, memory_base: int, io_base: int) -> tuple[int, int]:
+        """Size and place every BAR; returns the next free memory and I/O addresses."""
+        index = 0
+        while index < 6:
+            reg = 0x10 + 4 * index
+            original = self.config_read(reg, 4)
+            self.config_write(reg, 4, 0xFFFFFFFF)
+            mask = self.config_read(reg, 4)
+            if not mask:
+                index += 1
+                continue
+            io = bool(original & 1)
+            wide = not io and (original >> 1) & 3 == 2  # a 64-bit memory BAR
+            size = (~(mask & (~3 if io else ~0xF)) + 1) & 0xFFFFFFFF
+            if io:
+                base = (io_base + size - 1) & ~(size - 1)
+                io_base = base + size
+            else:
+                base = (memory_base + size - 1) & ~(size - 1)
+                memory_base = base + size
+            self.config_write(reg, 4, base)
+            if wide:
+                self.config_write(reg + 4, 4, 0)
+            self.bars[index] = (base, io)
+            index += 2 if wide else 1
+        return memory_base, io_base
+
+    def bar_read(self, bar: int, offset: int, size: int) -> int:
+        self.accesses += 1
+        base, io = self.bars[bar]
+        if io:
+            return self.client.read_io(base + offset, size)
+        return self.client.read(base + offset, size)
+
+    def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
+        self.accesses += 1
+        base, io = self.bars[bar]
+        if io:
+            self.client.write_io(base + offset, size, value)
+        else:
+            self.client.write(base + offset, size, value)
+
+    def msix_message(self, vector: int) -> tuple[int, int]:
+        return MSI_MAILBOX + 4 * vector, MSI_MARK | vector
+
+    def _mailbox(self) -> list[int]:
+        fired = []
+        words = self.memory.view(MSI_MAILBOX, 4 * 64).cast("I")
+        for vector in range(64):
+            if words[vector] == MSI_MARK | vector:
+                words[vector] = 0
+                fired.append(vector)
+        return fired
+
+    def wait_interrupt(self, timeout: float | None) -> list[int]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            fired = self._mailbox()
+            if self.client.irq.get(self.gsi):
+                fired.append(-1)
+            if fired:
+                self.messages += len([v for v in fired if v >= 0])
+                return fired
+            if deadline is not None and time.monotonic() >= deadline:
+                return []
+            # An INTx edge comes over the socket; a message lands in RAM: look again soon.
+            self.client.wait_irq(self.gsi, 0.0005)
 
 
 class QtestMmioBus:
@@ -186,6 +306,22 @@ class QemuMachine:
             try:
                 found.append(MmioTransport(bus, self.memory, self.allocator))
             except NoDevice:
+                continue
+        return found
+
+    def pci_transports(self, **options: object) -> list[PciTransport]:
+        """A transport for every virtio function on PCI bus 0, its BARs assigned first."""
+        found = []
+        memory_base, io_base = PCI_MEMORY_BASE, PCI_IO_BASE
+        for slot in range(32):
+            # Measured on QEMU 7.2's q35 with no firmware: slot S's INTA# is GSI 20 + S % 4.
+            bus = QtestPciBus(self.client, self.memory, slot, 20 + slot % 4)
+            if bus.config_read(0, 2) != VENDOR:
+                continue
+            memory_base, io_base = bus.assign(memory_base, io_base)
+            try:
+                found.append(PciTransport(bus, self.memory, self.allocator, **options))  # type: ignore[arg-type]
+            except NotVirtio:
                 continue
         return found
 
