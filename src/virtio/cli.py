@@ -28,6 +28,12 @@ def _serve(argv: list[str]) -> int:
     return main(argv)
 
 
+def _qemu(argv: list[str]) -> int:
+    from virtio.mpqemu.launcher import main
+
+    return main(argv)
+
+
 def _demo(argv: list[str]) -> int:
     from virtio.demo import main
 
@@ -37,7 +43,8 @@ def _demo(argv: list[str]) -> int:
 COMMANDS: dict[str, tuple[Handler, str]] = {
     "spec-coverage": (_spec_coverage, "normative blocks covered by the tests, per area"),
     "bench": (_bench, "benchmarks: `virtio bench ring`, `virtio bench blk`"),
-    "serve": (_serve, "serve a device over vhost-user: `virtio serve blk`"),
+    "serve": (_serve, "serve a device: `virtio serve blk` (vhost-user, or --transport pci)"),
+    "qemu": (_qemu, "run QEMU with pyvirtio PCI functions: `virtio qemu --pci PATH -- qemu...`"),
     "demo": (_demo, "serve a disk and boot a real Linux guest against it"),
 }
 

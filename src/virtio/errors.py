@@ -54,3 +54,11 @@ class DeviceModelError(VirtioError):
 
 class DeviceNeedsReset(VirtioError):
     """The device has set DEVICE_NEEDS_RESET; it serves nothing until reset."""
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one log-friendly line: its type (unless ours) and its text."""
+    text = " ".join(str(err).split()) or "(no details)"
+    if isinstance(err, VirtioError):
+        return text
+    return f"{type(err).__name__}: {text}"

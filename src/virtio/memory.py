@@ -16,6 +16,7 @@ indirect tables, request buffers).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import mmap
 import os
 from collections.abc import Callable, Iterable
@@ -196,6 +197,38 @@ class GuestMemory:
 # An IOMMU hook: (iova, length, write) -> [(guest address, length), ...] covering
 # the range, or raise GuestMemoryError when it is not mapped.
 Translate = Callable[[int, int, bool], list[tuple[int, int]]]
+
+
+class FileMappings:
+    """Shared mappings of the memory fds a VMM sends (vhost-user, QEMU's proxy).
+
+    :meth:`map` maps ``size`` bytes of an fd from ``offset`` (any offset: the
+    mapping starts at the page below it) and returns a view of exactly those
+    bytes; :meth:`unmap` releases it, leaving the unmapping to the garbage
+    collector while a request still holds a view into it.
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[int, mmap.mmap] = {}  # id(view) -> mapping
+
+    def map(self, fd: int, size: int, offset: int) -> Buffer:
+        aligned = offset - offset % mmap.PAGESIZE
+        delta = offset - aligned
+        mapping = mmap.mmap(
+            fd, size + delta, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned
+        )
+        view = memoryview(mapping)[delta : delta + size]
+        self._maps[id(view)] = mapping
+        return view
+
+    def unmap(self, buffer: Buffer) -> None:
+        mapping = self._maps.pop(id(buffer), None)
+        if isinstance(buffer, memoryview):
+            with contextlib.suppress(BufferError):
+                buffer.release()
+        if mapping is not None:
+            with contextlib.suppress(BufferError):
+                mapping.close()
 
 
 class TranslatedMemory:

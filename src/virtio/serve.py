@@ -1,7 +1,8 @@
-"""`virtio serve TYPE`: serve a device model to VMs over vhost-user.
+"""`virtio serve TYPE`: serve a device model to VMs over vhost-user or as a PCI function.
 
     virtio serve blk --socket /tmp/vblk.sock disk.img
     virtio serve rng --socket /tmp/vrng.sock --max-bytes 1024 --period 1
+    virtio serve blk --transport pci --socket /tmp/vblk.sock disk.img   (for `virtio qemu`)
 
 Device types come from the registry (``virtio.devices.registry``): every
 type has the common options below and its own. The command prints the QEMU
@@ -20,11 +21,13 @@ from types import FrameType
 
 from virtio.core.device import RingOptions
 from virtio.devices.registry import DeviceSettings, DeviceType, device_types
+from virtio.mpqemu.server import PciServer
 from virtio.vhost_user.server import VhostUserServer
 
 log = logging.getLogger("virtio.serve")
 
 UML_DEVICE_ARG = "virtio_uml.device={socket}:{device_id}"
+TRANSPORTS = ("vhost-user", "pci", "pci-transitional")
 
 
 def attach_commands(
@@ -46,13 +49,27 @@ def attach_commands(
     return qemu, uml
 
 
+def qemu_pci(socket_path: str) -> str:
+    return (
+        f"virtio qemu --pci {socket_path} -- qemu-system-x86_64 -m 512M "
+        "-object memory-backend-memfd,id=mem,size=512M,share=on -M q35,memory-backend=mem ..."
+    )
+
+
 def build_parser(kind: DeviceType) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"virtio serve {kind.name}",
-        description=f"Serve {kind.summary} over vhost-user.",
+        description=f"Serve {kind.summary} over vhost-user or as a PCI function.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--socket", required=True, help="vhost-user socket path to listen on")
+    p.add_argument("--socket", required=True, help="socket path to listen on")
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="vhost-user",
+        help="vhost-user (the default: QEMU or UML runs the transport), pci (a modern PCI "
+        "function for `virtio qemu --pci`), pci-transitional (with the legacy I/O BAR)",
+    )
     p.add_argument("--queue-size", type=int, default=256, help="largest ring (default 256)")
     p.add_argument(
         "--packed",
@@ -103,7 +120,21 @@ def main(argv: list[str]) -> int:
     except OSError as err:
         print(f"virtio serve {kind.name}: {err}", file=sys.stderr)
         return 1
-    server = VhostUserServer(args.socket, device, poll_us=args.poll_us)
+    server: VhostUserServer | PciServer
+    if args.transport == "vhost-user":
+        server = VhostUserServer(args.socket, device, poll_us=args.poll_us)
+    else:
+        try:
+            server = PciServer(
+                args.socket,
+                device,
+                name=kind.name,
+                transitional=args.transport == "pci-transitional",
+                poll_us=args.poll_us,
+            )
+        except ValueError as err:  # e.g. a type with no transitional PCI id
+            device.close()
+            parser.error(str(err))
     try:
         server.bind()
     except OSError as err:
@@ -117,10 +148,15 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    qemu, uml = attach_commands(kind, args.socket, kind.num_queues(args), args.packed)
     log.info("serving %s (%s) on %s", kind.name, device.describe(), args.socket)
-    log.info("attach QEMU with: %s", qemu)
-    log.info("attach User-Mode Linux with: %s", uml)
+    if isinstance(server, PciServer):
+        log.info(
+            "a PCI function %s: attach QEMU with: %s", server.info.pci_id, qemu_pci(args.socket)
+        )
+    else:
+        qemu, uml = attach_commands(kind, args.socket, kind.num_queues(args), args.packed)
+        log.info("attach QEMU with: %s", qemu)
+        log.info("attach User-Mode Linux with: %s", uml)
     try:
         server.serve_forever()
     finally:

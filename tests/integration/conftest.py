@@ -23,20 +23,22 @@ def guest_assets() -> GuestAssets:
 
 
 @dataclass
-class BlkServer:
-    """A `virtio serve blk` process on an image, restartable (it is a real process)."""
+class ServeProcess:
+    """A `virtio serve TYPE` process, restartable (it is a real process)."""
 
-    image: Path
+    image: Path | None
     socket: Path
     args: list[str]
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    kind: str = "blk"
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "virtio.cli", "serve", "blk", "--socket", str(self.socket)]
+        cmd = [sys.executable, "-m", "virtio.cli", "serve", self.kind, "--socket", str(self.socket)]
+        image = [] if self.image is None else [str(self.image)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [*cmd, *self.args, str(self.image)],
+                [*cmd, *self.args, *image],
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
@@ -44,7 +46,7 @@ class BlkServer:
         deadline = time.monotonic() + 15
         while not self.socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"virtio serve blk did not start: {self.log.read_text()}")
+                raise RuntimeError(f"virtio serve {self.kind} did not start: {self.log.read_text()}")
             time.sleep(0.05)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -62,6 +64,13 @@ class BlkServer:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+@dataclass
+class BlkServer(ServeProcess):
+    """A `virtio serve blk` process on an image."""
+
+    image: Path
 
 
 @pytest.fixture

@@ -161,7 +161,11 @@ class PciFunction:
     ``msix_vectors`` is the MSI-X table size (0: no MSI-X capability).
     ``transitional`` adds the legacy I/O BAR and gives the function its
     transitional device id. ``msi(address, data)`` sends an MSI-X message;
-    ``intx(level)`` drives INTA#.
+    ``intx(level)`` drives INTA#. ``notify(value, queue)``, when given, receives
+    every available buffer notification instead of the device serving it during
+    the register write: a host that must answer the access first (as QEMU's
+    ioeventfd does for a vCPU) serves it right after, with
+    :meth:`serve_notification`.
     """
 
     def __init__(
@@ -173,6 +177,7 @@ class PciFunction:
         legacy_order: ByteOrder = "little",
         msi: Callable[[int, int], None] | None = None,
         intx: Callable[[bool], None] | None = None,
+        notify: Callable[[int, int | None], object] | None = None,
     ) -> None:
         if transitional and device.device_id not in TRANSITIONAL:
             raise ValueError(f"device type {device.device_id} has no transitional PCI id")
@@ -184,6 +189,7 @@ class PciFunction:
         self.legacy_order: ByteOrder = legacy_order
         self.msi = msi or (lambda _addr, _data: None)
         self.intx = intx or (lambda _level: None)
+        self.notify = notify or self.serve_notification
         self.registers = DeviceRegisters(device, interrupts=self, vectors=msix_vectors)
         self.command = 0
         self.bars: dict[int, Bar] = {BAR_MODERN: Bar(BAR_MODERN, MODERN_SIZE, io=False)}
@@ -191,11 +197,9 @@ class PciFunction:
             self.bars[BAR_MSIX] = Bar(BAR_MSIX, MSIX_SIZE, io=False)
         if transitional:
             self.bars[BAR_LEGACY] = Bar(BAR_LEGACY, LEGACY_SIZE, io=True)
-        self.msix_control = max(msix_vectors - 1, 0)
         self.msix_table = bytearray(16 * msix_vectors)
-        for vector in range(msix_vectors):
-            self.msix_table[16 * vector + 12] = 1  # every vector starts masked
         self.pending = bytearray(max(1, (msix_vectors + 63) // 64) * 8)
+        self._clear_msix()
         self.intx_level = False
         self.generation = 0
         self._generation_seen = 0
@@ -209,6 +213,28 @@ class PciFunction:
         if self.transitional:
             return TRANSITIONAL[self.device.device_id]
         return MODERN_BASE + self.device.device_id
+
+    @property
+    def interrupt_line(self) -> int:
+        """The Interrupt Line register: the IRQ firmware routed INTA# to."""
+        return self.config_space[CFG_INT_LINE]
+
+    def reset(self) -> None:
+        """A PCI function reset (the bus's reset): the device resets, BARs and MSI-X clear."""
+        self.registers.status = 0
+        self.command = 0
+        for bar in self.bars.values():
+            bar.base = 0
+        self._clear_msix()
+        self.config_space = self._header()
+        self._update_intx()
+
+    def _clear_msix(self) -> None:
+        self.msix_control = max(self.msix_vectors - 1, 0)  # disabled, table size - 1
+        self.msix_table[:] = bytes(len(self.msix_table))
+        for vector in range(self.msix_vectors):
+            self.msix_table[16 * vector + 12] = 1  # every vector starts masked
+        self.pending[:] = bytes(len(self.pending))
 
     def _capabilities(self) -> bytearray:
         """The capability list, placed from 0x40 on."""
@@ -391,6 +417,7 @@ class PciFunction:
         """A transitional device serves whichever interface the driver resets it through."""
         regs = self.registers
         if regs.interface is not interface and regs.status == 0:
+            log.info("the driver uses the %s interface", interface.name.lower())
             regs.use_interface(interface, self.legacy_order)
 
     def _modern_read(self, offset: int, size: int) -> int:
@@ -419,7 +446,13 @@ class PciFunction:
                     "PCI-specific Initialization And Device Operation / Available Buffer Notifications",
                 )
                 return
-            self.registers.notify(value, queue=queue)
+            self.notify(value, queue)
+
+    def serve_notification(
+        self, value: int, queue: int | None = None, *, rearm: bool = True
+    ) -> int:
+        """Serve an available buffer notification (a queue index, or its data); chains served."""
+        return self.registers.notify(value, queue=queue, rearm=rearm)
 
     def _field(
         self, table: dict[int, tuple[str, int, bool]], offset: int, size: int, what: str
@@ -570,7 +603,7 @@ class PciFunction:
             regs.driver_feature_select = 0
             regs.driver_feature = value
         elif name == "queue_notify":
-            regs.notify(value)
+            self.notify(value, None)
         elif name == "device_status":
             regs.status = value
             if value == 0:

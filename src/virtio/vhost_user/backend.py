@@ -34,7 +34,7 @@ from typing import Protocol
 from virtio.core.device import VirtioDevice
 from virtio.core.registers import DeviceRegisters
 from virtio.core.status import Interface, Phase, path
-from virtio.errors import SpecViolation
+from virtio.errors import SpecViolation, one_line
 from virtio.memory import Buffer, GuestMemory
 from virtio.queue import Chain, PackedDeviceQueue, SplitDeviceQueue
 from virtio.queue.common import MAX_QUEUE_SIZE
@@ -65,7 +65,6 @@ from virtio.vhost_user.wire import (
     Request,
     VhostUserError,
     expect_size,
-    one_line,
     reply_to,
 )
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import mmap
 import os
 import select
 import socket
@@ -29,15 +28,15 @@ import time
 from pathlib import Path
 
 from virtio.core.device import VirtioDevice
-from virtio.errors import VirtioError
-from virtio.memory import Buffer
+from virtio.hosting import AdaptivePolling
+from virtio.hosting import log_failure as _log_failure
+from virtio.memory import Buffer, FileMappings
 from virtio.vhost_user.backend import BackendSession
 from virtio.vhost_user.io import PeerClosed, recv_message, send_message
-from virtio.vhost_user.wire import Message, encode, one_line
+from virtio.vhost_user.wire import Message, encode
 
 log = logging.getLogger("virtio.vhost_user.server")
 
-_PAGE = mmap.PAGESIZE
 _ONE = (1).to_bytes(8, "little")
 _POLL_INTERVAL = 0.001  # seconds between polls of rings without a kick fd
 
@@ -49,27 +48,13 @@ class OsHost:
         self.poller = poller
         self.kick_fds: dict[int, int] = {}  # fd -> ring index
         self.polled: set[int] = set()
-        self._maps: dict[int, mmap.mmap] = {}  # id(view) -> mapping
+        self._mappings = FileMappings()
 
     def map(self, fd: int, size: int, offset: int) -> Buffer:
-        aligned = offset - offset % _PAGE
-        delta = offset - aligned
-        mapping = mmap.mmap(
-            fd, size + delta, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned
-        )
-        view = memoryview(mapping)[delta : delta + size]
-        self._maps[id(view)] = mapping
-        return view
+        return self._mappings.map(fd, size, offset)
 
     def unmap(self, buffer: Buffer) -> None:
-        mapping = self._maps.pop(id(buffer), None)
-        if isinstance(buffer, memoryview):
-            with contextlib.suppress(BufferError):
-                buffer.release()
-        if mapping is not None:
-            # Views handed to requests may still exist; the GC unmaps then.
-            with contextlib.suppress(BufferError):
-                mapping.close()
+        self._mappings.unmap(buffer)
 
     def close(self, fd: int) -> None:
         self.unwatch_fd(fd)
@@ -115,47 +100,6 @@ class OsHost:
             os.write(fd, encode(msg))
         except OSError as err:
             log.warning("back-end request channel: %s", err)
-
-
-class AdaptivePolling:
-    """When to poll the rings instead of sleeping until a kick (as QEMU's poll-max-ns).
-
-    After serving a kick the loop keeps polling the rings, kicks off, for up to
-    ``window`` seconds; work found keeps it polling. The window adapts to the
-    driver: if the next kick after giving up came within ``max_window`` (polling
-    a little longer would have caught it), the window doubles; if it came later
-    (the poll was wasted), it halves, down to 0 (no polling). A guest that sends
-    requests milliseconds apart is never polled for; a driver waiting on its
-    requests microseconds apart is polled for, and spared its kicks and our wake-up.
-    """
-
-    def __init__(self, max_window: float) -> None:
-        self.max_window = max(0.0, max_window)
-        self.window = self.max_window / 4
-        self.active = False
-        self._last_work = 0.0
-        self._gave_up: float | None = None
-
-    def kicked(self, now: float) -> None:
-        if self._gave_up is not None and self.max_window:
-            idle = now - self._gave_up
-            if idle < self.max_window:
-                self.window = min(self.max_window, max(2 * self.window, 2e-6))
-            else:
-                self.window = self.window / 2 if self.window > 2e-6 else 0.0
-            self._gave_up = None
-
-    def step(self, now: float, served: int) -> bool:
-        """After a poll that served ``served`` chains: True to keep polling."""
-        if served:
-            self._last_work = now
-            self.active = self.window > 0
-            return self.active
-        if self.active and now - self._last_work < self.window:
-            return True
-        self.active = False
-        self._gave_up = now
-        return False
 
 
 class VhostUserServer:
@@ -216,7 +160,7 @@ class VhostUserServer:
                     try:
                         self._serve_connection(conn)
                     except Exception as err:  # not BaseException: ^C and exit still stop us
-                        _log_failure(f"connection {self.connections} failed", err)
+                        _fail(f"connection {self.connections} failed", err)
                 log.info("front-end disconnected; waiting for the next one")
         finally:
             self.close()
@@ -230,7 +174,7 @@ class VhostUserServer:
                 poller.register(conn.fileno(), select.EPOLLIN)
                 self._serve_session(conn, session, host, poller)
             except Exception as err:
-                _log_failure("closing the connection", err)
+                _fail("closing the connection", err)
             finally:
                 self._release(session)
 
@@ -302,7 +246,7 @@ class VhostUserServer:
             if not poll.step(now, served):
                 session.rearm()
         except Exception as err:
-            _log_failure("polling the rings failed, closing the connection", err)
+            _fail("polling the rings failed, closing the connection", err)
             return False
         return True
 
@@ -315,7 +259,7 @@ class VhostUserServer:
             else:
                 events.fd_ready(fd, time.monotonic())
         except Exception as err:
-            _log_failure("the device failed serving its own event, closing the connection", err)
+            _fail("the device failed serving its own event, closing the connection", err)
             return False
         return True
 
@@ -324,18 +268,18 @@ class VhostUserServer:
         try:
             session.close()
         except Exception as err:
-            _log_failure("cannot release the connection's resources", err)
+            _fail("cannot release the connection's resources", err)
         try:
             self._flush()
         except Exception as err:
-            _log_failure("cannot flush the device", err)
+            _fail("cannot flush the device", err)
 
     def _kick(self, session: BackendSession, index: int, polling: bool) -> int | None:
         """Serve ring ``index``; the chains served, or None when the connection should close."""
         try:
             return session.kick(index, rearm=not polling)
         except Exception as err:
-            _log_failure(f"ring {index}: serving a kick failed, closing the connection", err)
+            _fail(f"ring {index}: serving a kick failed, closing the connection", err)
             return None
 
     def _read_messages(self, conn: socket.socket, session: BackendSession) -> bool:
@@ -360,13 +304,13 @@ class VhostUserServer:
                     log.info("front-end went away: %s", err)
                 return False
             except Exception as err:
-                _log_failure("unreadable message from the front-end", err)
+                _fail("unreadable message from the front-end", err)
                 return False
             log.debug("<- %s %s (%d fds)", msg.name(), msg.payload.hex(), len(msg.fds))
             try:
                 replies = session.handle(msg)
             except Exception as err:
-                _log_failure(f"front-end sent a bad {msg.name()}", err, msg.name())
+                _fail(f"front-end sent a bad {msg.name()}", err, msg.name())
                 return False
             try:
                 for reply in replies:
@@ -375,23 +319,12 @@ class VhostUserServer:
                 log.info("cannot reply to %s: %s", msg.name(), err)
                 return False
             except Exception as err:
-                _log_failure(f"cannot reply to {msg.name()}", err)
+                _fail(f"cannot reply to {msg.name()}", err)
                 return False
 
     def _flush(self) -> None:
         self.device.flush_backend()
 
 
-def _log_failure(what: str, err: Exception, name: str = "") -> None:
-    """One error line, ``what: reason``; the full traceback of the cause at debug level.
-
-    A reason that begins with the message's ``name`` (as the session's do) is not
-    made to repeat it.
-    """
-    reason = one_line(err)
-    if name and reason.startswith(f"{name}: "):
-        reason = reason[len(name) + 2 :]
-    log.error("%s: %s", what, reason)
-    cause = err.__cause__ if isinstance(err, VirtioError) else err
-    if cause is not None:
-        log.debug("the cause, in full:", exc_info=cause)
+def _fail(what: str, err: Exception, name: str = "") -> None:
+    _log_failure(what, err, name, logger=log)

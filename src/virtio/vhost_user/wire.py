@@ -222,14 +222,6 @@ def reply_to(msg: Message, payload: bytes, fds: Sequence[int] = ()) -> Message:
     return Message(msg.request, payload, VERSION | FLAG_REPLY, list(fds))
 
 
-def one_line(err: BaseException) -> str:
-    """An exception as one log-friendly line: its type (unless ours) and its text."""
-    text = " ".join(str(err).split()) or "(no details)"
-    if isinstance(err, VirtioError):
-        return text
-    return f"{type(err).__name__}: {text}"
-
-
 class Decoder:
     """Frames a byte stream into messages; fds attach to the message they came with.
 

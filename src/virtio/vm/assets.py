@@ -37,6 +37,7 @@ QEMU_MODULES = [
     "virtio_pci",
     "virtio_mmio",
     "virtio_blk",
+    "virtio-rng",  # the file's name; the module is virtio_rng
     "netfs",
     "fscache",
     "9pnet",

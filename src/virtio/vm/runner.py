@@ -210,11 +210,13 @@ def run_guest(
     log_path: Path | None = None,
     assets: GuestAssets | None = None,
     kernel_args: Sequence[str] = (),
+    launcher: Sequence[str] = (),
 ) -> GuestResult:
     """Boot a guest, run ``script`` in it, return what happened.
 
     ``kernel_args`` go on the kernel command line; ``module.param=value`` ones
     also reach the virtio modules the guest loads (e.g. ``virtio_pci.force_legacy=1``).
+    ``launcher`` runs QEMU's command through another (``virtio qemu --pci PATH --``).
     """
     assets = assets or prepare()
     with tempfile.TemporaryDirectory(prefix="pyvirtio-guest-") as tmp:
@@ -231,6 +233,7 @@ def run_guest(
                 host_share=host_share,
                 kernel_args=kernel_args,
             )
+            cmd = [*launcher, *cmd]
         else:
             (run_dir / "test.sh").write_text(script)
             cmd = uml_command(
