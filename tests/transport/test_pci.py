@@ -383,3 +383,51 @@ def test_blk_capacity_as_two_independent_halves(tmp_path: Path) -> None:
         assert low | high << 32 == (3 << 20) // 512
     finally:
         device.close()
+
+
+def _negotiate(fn: PciFunction) -> None:
+    for status in (S.ACKNOWLEDGE, S.ACKNOWLEDGE | S.DRIVER):
+        fn.bar_write(BAR_MODERN, COMMON_OFF + 0x14, 1, status)
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x08, 4, 1)
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x0C, 4, 1)  # VIRTIO_F_VERSION_1 (bit 32)
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x14, 1, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK)
+
+
+@pytest.mark.normative(N_INIT_DRV)
+def test_queue_addresses_written_after_enabling_need_reset() -> None:
+    fn, _m, _l = function()
+    _negotiate(fn)
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x16, 2, 0)
+    for offset, value in ((0x20, 0x1000), (0x28, 0x2000), (0x30, 0x3000)):
+        fn.bar_write(BAR_MODERN, COMMON_OFF + offset, 4, value)
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x1C, 2, 1)
+    assert not fn.device.status & S.DEVICE_NEEDS_RESET
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x20, 4, 0x8000)  # queue_desc of the live queue
+    reason = fn.device.needs_reset_reason
+    assert fn.device.status & S.DEVICE_NEEDS_RESET
+    assert reason is not None and N_INIT_DRV in reason and "queue 0" in reason
+
+
+@pytest.mark.normative(N_COMMON_DEV)
+def test_an_out_of_range_queue_select_reads_an_unavailable_queue() -> None:
+    fn, _m, _l = function()
+    _negotiate(fn)
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x16, 2, 0x7FFF)
+    # "A 0 means the queue is unavailable": the device presents 0 in queue_size.
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x18, 2) == 0
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x1C, 2) == 0
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x20, 4, 0x1000)  # nothing to configure: ignored
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x20, 4) == 0
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x16, 2, 0)
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x18, 2) > 0
+
+
+@pytest.mark.normative(N_LAYOUT_DRV)
+@pytest.mark.parametrize("offset", [0x00, 0x14, 0x20], ids=["feature", "status", "queue_desc"])
+def test_a_64_bit_access_to_the_common_configuration_needs_reset(offset: int) -> None:
+    fn, _m, _l = function()
+    # Fields are read with accesses of their own width, 64-bit ones as two
+    # 32-bit halves: an 8-byte access is never one the driver may make.
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + offset, 8) == 0
+    reason = fn.device.needs_reset_reason
+    assert reason is not None and N_LAYOUT_DRV in reason and "8 bytes" in reason

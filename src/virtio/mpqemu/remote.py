@@ -72,6 +72,7 @@ class RemoteSession:
         # old mapping stays alive (it is the same shared RAM) until the device resets.
         self._retired: list[Buffer] = []
         self._mapped: list[Buffer] = []
+        self._said_unshared = False
         self.pending: list[tuple[int, int | None]] = []
         self.accesses = 0
         self.notifications = 0
@@ -183,6 +184,12 @@ class RemoteSession:
             for fd in msg.fds:
                 self.host.close(fd)
             raise
+        if not sections and not self._said_unshared:
+            self._said_unshared = True
+            log.error(
+                "QEMU shares no guest RAM with this device (it needs "
+                "-object memory-backend-memfd,...,share=on as the machine's memory-backend)"
+            )
         try:
             layout = tuple(
                 _Mapped(s.gpa, s.size, s.offset, self.host.file_identity(s.fd)) for s in sections
@@ -195,11 +202,6 @@ class RemoteSession:
                 self.host.close(fd)
 
     def _remap(self, sections: list[MemorySection], layout: tuple[_Mapped, ...]) -> None:
-        if not sections:
-            log.error(
-                "QEMU shares no guest RAM with this device (it needs "
-                "-object memory-backend-memfd,...,share=on as the machine's memory-backend)"
-            )
         mapped = [(s, self.host.map(s.fd, s.size, s.offset)) for s in sections]
         self._forget_memory()
         for section, buffer in mapped:
