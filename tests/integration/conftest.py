@@ -46,7 +46,9 @@ class ServeProcess:
         deadline = time.monotonic() + 15
         while not self.socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"virtio serve {self.kind} did not start: {self.log.read_text()}")
+                raise RuntimeError(
+                    f"virtio serve {self.kind} did not start: {self.log.read_text()}"
+                )
             time.sleep(0.05)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from virtio.core.device import RingOptions
+from virtio.core.device import RingOptions, SharedMemoryRegion
 from virtio.core.registers import ISR_CONFIG, ISR_QUEUE, NO_VECTOR
 from virtio.devices.blk import BlkDevice, BlkDriver
 from virtio.devices.registry import DeviceSettings, device_type, device_types
 from virtio.devices.rng import RngDevice, RngDriver
-from virtio.memory import GuestMemory
+from virtio.memory import Allocator, GuestMemory
 from virtio.queue import RingLayout
 from virtio.spec import features as F
 from virtio.spec.status import DeviceStatus as S
@@ -431,3 +431,112 @@ def test_a_64_bit_access_to_the_common_configuration_needs_reset(offset: int) ->
     assert fn.bar_read(BAR_MODERN, COMMON_OFF + offset, 8) == 0
     reason = fn.device.needs_reset_reason
     assert reason is not None and N_LAYOUT_DRV in reason and "8 bytes" in reason
+
+
+N_SHM_CAP_DEV = f"devicenormative:{P}PCI Device Layout / Shared memory capability"
+N_VENDOR_DEV = f"devicenormative:{P}PCI Device Layout / Vendor data capability"
+N_VENDOR_DRV = f"drivernormative:{P}PCI Device Layout / Vendor data capability"
+N_GUARD_DEV = (
+    f"devicenormative:{OPS}Device Initialization / Non-transitional Device With Legacy Driver"
+)
+
+
+class SharingRng(RngDevice):
+    """An entropy device that also exposes two shared memory regions (for the transport)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windows = {3: bytearray(0x1800), 7: bytearray(0x100)}
+
+    def shared_memory_regions(self) -> tuple[SharedMemoryRegion, ...]:
+        return tuple(SharedMemoryRegion(i, len(b), b) for i, b in self.windows.items())
+
+
+def all_caps(fn: PciFunction) -> list[bytes]:
+    found, at = [], fn.config_read(CFG_CAPS, 1)
+    while at:
+        length = 12 if fn.config_read(at, 1) == 0x11 else fn.config_read(at + 2, 1)
+        if fn.config_read(at + 3, 1) == CapType.PCI_CFG:
+            length = 16
+        found.append(bytes(fn.config_read(at + i, 1) for i in range(length)))
+        at = fn.config_read(at + 1, 1)
+    return found
+
+
+@pytest.mark.normative(N_SHM_CAP_DEV)
+def test_shared_memory_regions_are_capabilities_inside_a_64_bit_bar() -> None:
+    device = SharingRng()
+    memory = GuestMemory()
+    memory.add(0, bytearray(1 << 20))
+    device.attach_memory(memory)
+    fn = PciFunction(device)
+    shm = [c for c in all_caps(fn) if c[0] == 0x09 and c[3] == CapType.SHARED_MEMORY]
+    # virtio_pci_cap64: one per region, cap.id unique, offset/length split in halves.
+    assert [len(c) for c in shm] == [24, 24] and sorted(c[5] for c in shm) == [3, 7]
+    # The BAR: 64-bit prefetchable memory; its size from writing all ones to both halves.
+    fn.config_write(CFG_BAR0 + 8, 4, 0xFFFFFFFF)
+    fn.config_write(CFG_BAR0 + 12, 4, 0xFFFFFFFF)
+    low, high = fn.config_read(CFG_BAR0 + 8, 4), fn.config_read(CFG_BAR0 + 12, 4)
+    assert low & 0xF == 0xC and high == 0xFFFFFFFF
+    size = (~((high << 32 | low) & ~0xF) + 1) & (1 << 64) - 1
+    for cap in shm:
+        bar, offset, length, offset_hi, length_hi = struct.unpack_from("<B3xIIII", cap, 4)
+        assert bar == 2 and offset + (offset_hi << 32) + length + (length_hi << 32) <= size
+    # Placed above 4 GiB, the driver finds the regions and reaches their memory.
+    fn.config_write(CFG_BAR0 + 12, 4, 0x1)
+    fn.config_write(CFG_BAR0 + 8, 4, 0x0)
+    assert fn.locate(0x1_0000_0000 + 0x10, io=False) == (2, 0x10)
+    transport = PciTransport(LocalPciBus(fn), memory, Allocator(0x1000, 0xF0000))
+    assert {i: r[2] for i, r in transport.shared_memory.items()} == {3: 0x1800, 7: 0x100}
+    transport.write_shared_memory(3, 0x17FC, 4, 0xCAFEF00D)
+    assert device.windows[3][0x17FC:] == (0xCAFEF00D).to_bytes(4, "little")
+    device.windows[7][0x10] = 0x5A
+    assert transport.read_shared_memory(7, 0x10, 1) == 0x5A
+    with pytest.raises(ValueError, match="region 7"):
+        transport.read_shared_memory(7, 0xFE, 4)
+
+
+@pytest.mark.normative(N_VENDOR_DEV, N_VENDOR_DRV)
+def test_vendor_data_capabilities_are_side_effect_free_and_left_alone() -> None:
+    device = RngDevice()
+    memory = GuestMemory()
+    memory.add(0, bytearray(1 << 20))
+    device.attach_memory(memory)
+    data = b"pyvirtio-test"[:10]  # 6 + 10 bytes: a multiple of 4
+    fn = PciFunction(device, vendor_data=[(0x1B36, data), (0x8086, b"\0\0")])
+    vendor = [c for c in all_caps(fn) if c[0] == 0x09 and c[3] == CapType.VENDOR_DATA]
+    assert [(len(c), c[4:6]) for c in vendor] == [(16, b"\x36\x1b"), (8, b"\x86\x80")]
+    before = (fn.registers.status, bytes(fn.config_space))
+    assert all_caps(fn) == all_caps(fn)  # reads change nothing
+    assert (fn.registers.status, bytes(fn.config_space)) == before
+    transport = PciTransport(LocalPciBus(fn), memory, Allocator(0x1000, 0xF0000))
+    assert [v for _at, v in transport.vendor_data] == [0x1B36, 0x8086]
+    rng = RngDriver(transport)
+    rng.initialize()
+    assert len(rng.read(16)) == 16
+    for bad in ([(0x1AF4, b"\0\0")], [(0x1B36, b"\0")]):
+        with pytest.raises(ValueError, match="vendor"):
+            PciFunction(RngDevice(), vendor_data=bad)
+
+
+@pytest.mark.normative(N_GUARD_DEV)
+def test_a_legacy_driver_on_a_non_transitional_function_is_fenced_off() -> None:
+    device = RngDevice()
+    fn = PciFunction(device, legacy_guard=True)
+    assert fn.config_read(CFG_BAR0, 4) & 1  # an I/O BAR in BAR0
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x14, 1, S.ACKNOWLEDGE)
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x14, 1) == S.ACKNOWLEDGE
+    fn.bar_write(BAR_LEGACY, 18, 1, 0)  # a legacy driver resets "its" device
+    for bar, offset, size in (
+        (BAR_MODERN, COMMON_OFF + 0x14, 1),
+        (BAR_MODERN, 0, 4),
+        (BAR_LEGACY, 0, 4),
+        (BAR_MSIX, 0, 4),
+    ):
+        assert fn.bar_read(bar, offset, size) == 0
+    fn.bar_write(BAR_MODERN, COMMON_OFF + 0x14, 1, S.ACKNOWLEDGE | S.DRIVER)  # ignored
+    assert device.read_status() == S.ACKNOWLEDGE
+    fn.reset()
+    assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x12, 2) == 1  # num_queues again
+    with pytest.raises(ValueError, match="real legacy BAR"):
+        PciFunction(RngDevice(), transitional=True, legacy_guard=True)

@@ -25,11 +25,11 @@ from __future__ import annotations
 import enum
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from virtio.core.device import VirtioDevice
+from virtio.core.device import SharedMemoryRegion, VirtioDevice
 from virtio.core.registers import ISR_CONFIG, ISR_QUEUE, NO_VECTOR, DeviceRegisters
 from virtio.core.status import Interface
 from virtio.errors import NegotiationError, VirtioError
@@ -91,8 +91,11 @@ CAP_MSIX, CAP_VENDOR = 0x11, 0x09
 MSIX_ENABLE, MSIX_MASK_ALL = 1 << 15, 1 << 14
 
 # Where this model puts things.
-BAR_LEGACY, BAR_MSIX, BAR_MODERN = 0, 1, 4
+BAR_LEGACY, BAR_MSIX, BAR_SHM, BAR_MODERN = 0, 1, 2, 4
 MODERN_SIZE = 0x4000
+GUARD_SIZE = 0x20  # a non-transitional function's decoy legacy I/O BAR
+GUARD_STATUS = 18  # the legacy device status register's offset in it
+SHM_ALIGN = 0x1000
 COMMON_OFF, ISR_OFF, DEVICE_OFF, NOTIFY_OFF = 0x0000, 0x1000, 0x2000, 0x3000
 NOTIFY_MULTIPLIER = 4
 MSIX_SIZE, MSIX_PBA = 0x1000, 0x800
@@ -150,9 +153,14 @@ class Bar:
     size: int
     io: bool
     base: int = 0
+    wide: bool = False  # a 64-bit prefetchable memory BAR: its high half is the next register
 
     def register(self) -> int:
-        return (self.base & ~(self.size - 1)) | (1 if self.io else 0)
+        flags = 1 if self.io else (0xC if self.wide else 0)  # 64-bit, prefetchable
+        return (self.base & ~(self.size - 1) & 0xFFFFFFFF) | flags
+
+    def high_register(self) -> int:
+        return (self.base & ~(self.size - 1)) >> 32
 
 
 class PciFunction:
@@ -178,9 +186,18 @@ class PciFunction:
         msi: Callable[[int, int], None] | None = None,
         intx: Callable[[bool], None] | None = None,
         notify: Callable[[int, int | None], object] | None = None,
+        vendor_data: Sequence[tuple[int, bytes]] = (),
+        legacy_guard: bool = False,
     ) -> None:
         if transitional and device.device_id not in TRANSITIONAL:
             raise ValueError(f"device type {device.device_id} has no transitional PCI id")
+        if legacy_guard and transitional:
+            raise ValueError("a transitional function has a real legacy BAR, not a guard")
+        for vendor_id, data in vendor_data:
+            if vendor_id == VENDOR or not 0 <= vendor_id <= 0xFFFF:
+                raise ValueError(f"vendor data capability: vendor_id {vendor_id:#x}")
+            if (6 + len(data)) % 4 or 6 + len(data) > 0x40:
+                raise ValueError("vendor data capability: its size must be a multiple of 4, <= 64")
         if not 0 <= msix_vectors <= 0x800:
             raise ValueError("MSI-X table size is 0..2048")
         self.device = device
@@ -192,11 +209,25 @@ class PciFunction:
         self.notify = notify or self.serve_notification
         self.registers = DeviceRegisters(device, interrupts=self, vectors=msix_vectors)
         self.command = 0
+        self.vendor_data = list(vendor_data)
+        self.legacy_guard = legacy_guard
+        self.fenced = False  # a legacy driver tripped the guard: every BAR reads 0
         self.bars: dict[int, Bar] = {BAR_MODERN: Bar(BAR_MODERN, MODERN_SIZE, io=False)}
         if msix_vectors:
             self.bars[BAR_MSIX] = Bar(BAR_MSIX, MSIX_SIZE, io=False)
         if transitional:
             self.bars[BAR_LEGACY] = Bar(BAR_LEGACY, LEGACY_SIZE, io=True)
+        elif legacy_guard:
+            self.bars[BAR_LEGACY] = Bar(BAR_LEGACY, GUARD_SIZE, io=True)
+        # Shared memory regions: one 64-bit BAR, each region at a page-aligned offset.
+        self.shm: dict[int, tuple[int, SharedMemoryRegion]] = {}
+        at = 0
+        for region in self.registers.shared_memory_regions:
+            self.shm[region.id] = (at, region)
+            at += -(-region.length // SHM_ALIGN) * SHM_ALIGN
+        if self.shm:
+            size = 1 << max(at - 1, SHM_ALIGN - 1).bit_length()
+            self.bars[BAR_SHM] = Bar(BAR_SHM, size, io=False, wide=True)
         self.msix_table = bytearray(16 * msix_vectors)
         self.pending = bytearray(max(1, (msix_vectors + 63) // 64) * 8)
         self._clear_msix()
@@ -223,6 +254,7 @@ class PciFunction:
         """A PCI function reset (the bus's reset): the device resets, BARs and MSI-X clear."""
         self.registers.status = 0
         self.command = 0
+        self.fenced = False
         for bar in self.bars.values():
             bar.base = 0
         self._clear_msix()
@@ -262,6 +294,20 @@ class PciFunction:
             if cfg_type is CapType.NOTIFY:
                 body += struct.pack("<I", NOTIFY_MULTIPLIER)
             chain.append(body)
+        cap64 = struct.Struct("<BBBBBBHIIII")
+        for shmid, (offset, region) in self.shm.items():
+            chain.append(
+                cap64.pack(
+                    CAP_VENDOR, 0, cap64.size, CapType.SHARED_MEMORY, BAR_SHM, shmid, 0,
+                    offset & 0xFFFFFFFF, region.length & 0xFFFFFFFF,
+                    offset >> 32, region.length >> 32,
+                )
+            )  # fmt: skip
+        for vendor_id, data in self.vendor_data:
+            head = struct.pack(
+                "<BBBBH", CAP_VENDOR, 0, 6 + len(data), CapType.VENDOR_DATA, vendor_id
+            )
+            chain.append(head + data)
         # PCI configuration access: a window onto the BARs through the config space.
         chain.append(
             cap.pack(CAP_VENDOR, 0, cap.size + 4, CapType.PCI_CFG, 0, 0, 0, 0, 0) + bytes(4)
@@ -275,6 +321,8 @@ class PciFunction:
             add(bytes(entry))
             at += len(body)
         self._cfg_cap_at = 0x40 + len(caps) - (cap.size + 4)
+        if 0x40 + len(caps) > 0x100:
+            raise ValueError("the capabilities do not fit in the configuration space")
         return caps
 
     def _header(self) -> bytearray:
@@ -324,9 +372,14 @@ class PciFunction:
         if CFG_BAR0 <= offset < CFG_BAR0 + 24 and size == 4:
             index = (offset - CFG_BAR0) // 4
             bar = self.bars.get(index)
+            below = self.bars.get(index - 1)
             if bar is not None:
                 # Writing all ones and reading back sizes the BAR, as on any PCI device.
-                bar.base = value & ~(bar.size - 1) & 0xFFFFFFFF
+                high = bar.base & ~0xFFFFFFFF
+                bar.base = (high | value & 0xFFFFFFFF) & ~(bar.size - 1)
+            elif below is not None and below.wide:
+                low = below.base & 0xFFFFFFFF
+                below.base = ((value & 0xFFFFFFFF) << 32 | low) & ~(below.size - 1)
             return
         if offset == CFG_INT_LINE and size == 1:
             self.config_space[CFG_INT_LINE] = data[0]
@@ -345,7 +398,10 @@ class PciFunction:
 
     def _bar_register(self, index: int) -> int:
         bar = self.bars.get(index)
-        return 0 if bar is None else bar.register()
+        if bar is not None:
+            return bar.register()
+        below = self.bars.get(index - 1)
+        return below.high_register() if below is not None and below.wide else 0
 
     # the PCI configuration access capability: bar, offset, length, data
     def _cfg_fields(self) -> tuple[int, int, int]:
@@ -394,21 +450,51 @@ class PciFunction:
         return None
 
     def bar_read(self, bar: int, offset: int, size: int) -> int:
+        if self.fenced:
+            return 0
         if bar == BAR_MODERN:
             return self._modern_read(offset, size)
         if bar == BAR_MSIX and self.msix_vectors:
             return self._msix_read(offset, size)
         if bar == BAR_LEGACY and self.transitional:
             return self._legacy_read(offset, size)
+        if bar == BAR_SHM and self.shm:
+            return int.from_bytes(self._shm_window(offset, size) or bytes(size), "little")
+        if bar == BAR_LEGACY and self.legacy_guard:
+            return 0
         return (1 << 8 * size) - 1
 
     def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
+        if self.fenced:
+            return
         if bar == BAR_MODERN:
             self._modern_write(offset, size, value)
         elif bar == BAR_MSIX and self.msix_vectors:
             self._msix_write(offset, size, value)
         elif bar == BAR_LEGACY and self.transitional:
             self._legacy_write(offset, size, value)
+        elif bar == BAR_SHM and self.shm:
+            window = self._shm_window(offset, size)
+            if window is not None:
+                window[:] = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+        elif (
+            bar == BAR_LEGACY
+            and self.legacy_guard
+            and (offset, size, value) == (GUARD_STATUS, 1, 0)
+        ):
+            # A legacy driver resetting a device it cannot drive: from now on the
+            # function looks empty to it, so it fails instead of misprogramming us.
+            log.warning("a legacy driver reset the non-transitional function: fenced off")
+            self.fenced = True
+
+    def _shm_window(self, offset: int, size: int) -> memoryview | None:
+        """The bytes of a shared memory region behind a BAR access (None: a hole)."""
+        for start, region in self.shm.values():
+            if start <= offset and offset + size <= start + region.length:
+                if region.backing is None:
+                    return None
+                return memoryview(region.backing).cast("B")[offset - start : offset - start + size]
+        return None
 
     def _refuse(self, why: str, normative: str = N_LAYOUT_DRV) -> None:
         self.device.fail(why, normative)
@@ -739,6 +825,10 @@ class PciTransport:
             # Transitional: the subsystem device id is the virtio device id.
             self.device_id = bus.config_read(CFG_SUBSYS_ID, 2)
         self.caps: dict[int, Cap] = {}
+        #: Shared memory regions: id -> (BAR, offset, length).
+        self.shared_memory: dict[int, tuple[int, int, int]] = {}
+        #: Vendor data capabilities: (where, vendor_id).
+        self.vendor_data: list[tuple[int, int]] = []
         self.msix_at: int | None = None
         self.msix_size = 0
         self._walk_capabilities()
@@ -777,8 +867,17 @@ class PciTransport:
             elif kind == CAP_VENDOR:
                 cfg_type = bus.config_read(at + 3, 1)
                 bar = bus.config_read(at + 4, 1)
+                if cfg_type == CapType.VENDOR_DATA:
+                    # Only its vendor_id is read: what follows means something only to
+                    # a driver that knows that vendor's format (this one knows none).
+                    self.vendor_data.append((at, bus.config_read(at + 4, 2)))
+                elif cfg_type == CapType.SHARED_MEMORY and bar <= 5:
+                    shmid = bus.config_read(at + 5, 1)
+                    offset = bus.config_read(at + 8, 4) | bus.config_read(at + 16, 4) << 32
+                    length = bus.config_read(at + 12, 4) | bus.config_read(at + 20, 4) << 32
+                    self.shared_memory.setdefault(shmid, (bar, offset, length))
                 # The first of each type is the one to use; reserved types and BARs are ignored.
-                if (
+                elif (
                     cfg_type in CapType._value2member_map_
                     and bar <= 5
                     and cfg_type not in self.caps
@@ -819,6 +918,19 @@ class PciTransport:
             return self.bus.bar_read(BAR_LEGACY, offset, size)
         self.bus.bar_write(BAR_LEGACY, offset, size, value)
         return value
+
+    def read_shared_memory(self, shmid: int, offset: int, size: int) -> int:
+        """Read from shared memory region ``shmid`` (through its BAR)."""
+        bar, start, length = self.shared_memory[shmid]
+        if not 0 <= offset <= length - size:
+            raise ValueError(f"shared memory region {shmid}: {size} bytes at {offset:#x}")
+        return self.bus.bar_read(bar, start + offset, size)
+
+    def write_shared_memory(self, shmid: int, offset: int, size: int, value: int) -> None:
+        bar, start, length = self.shared_memory[shmid]
+        if not 0 <= offset <= length - size:
+            raise ValueError(f"shared memory region {shmid}: {size} bytes at {offset:#x}")
+        self.bus.bar_write(bar, start + offset, size, value)
 
     # -- DriverTransport -------------------------------------------------------------------------
 
