@@ -40,12 +40,19 @@ def _demo(argv: list[str]) -> int:
     return main(argv)
 
 
+def _probe(argv: list[str]) -> int:
+    from virtio.probe.cli import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, tuple[Handler, str]] = {
     "spec-coverage": (_spec_coverage, "normative blocks covered by the tests, per area"),
     "bench": (_bench, "benchmarks: `virtio bench ring`, `virtio bench blk`"),
     "serve": (_serve, "serve a device: `virtio serve blk` (vhost-user, or --transport pci)"),
     "qemu": (_qemu, "run QEMU with pyvirtio PCI functions: `virtio qemu --pci PATH -- qemu...`"),
     "demo": (_demo, "serve a disk and boot a real Linux guest against it"),
+    "probe": (_probe, "what a QEMU virtio device offers: `virtio probe --qemu virtio-net-pci`"),
 }
 
 
