@@ -31,10 +31,11 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from virtio.layout import ByteOrder
 from virtio.memory import Allocator, GuestMemory
 from virtio.transport.mmio import MAGIC, MmioTransport, NoDevice, Reg
 from virtio.transport.pci import VENDOR, NotVirtio, PciTransport
@@ -60,7 +61,10 @@ def halting_firmware(path: Path) -> Path:
 class QtestClient:
     """The qtest text protocol: one command, one reply; ``IRQ`` lines come in between."""
 
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self, path: str, timeout: float = 10.0, alive: Callable[[], bool] = lambda: True
+    ) -> None:
+        """Connect to QEMU's qtest socket at ``path``; ``alive()`` False: QEMU exited."""
         self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         deadline = time.monotonic() + timeout
@@ -69,9 +73,10 @@ class QtestClient:
                 self.sock.connect(path)
                 break
             except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
+                if not alive() or time.monotonic() > deadline:
                     self.sock.close()
-                    raise QtestError(f"no qtest socket at {path}") from None
+                    why = "QEMU exited" if not alive() else "no qtest socket"
+                    raise QtestError(f"{why} (socket {path})") from None
                 time.sleep(0.02)
         self._buffer = b""
         self.irq: dict[int, bool] = {}
@@ -295,7 +300,7 @@ class QemuMachine:
             return ""
         return self.guest_errors.read_text(errors="replace")
 
-    def mmio_transports(self, *, legacy_order: str = "little") -> list[MmioTransport]:
+    def mmio_transports(self, *, legacy_order: ByteOrder = "little") -> list[MmioTransport]:
         """A transport for every virtio-mmio window holding a device (placeholders left alone)."""
         found = []
         for slot in range(MMIO_SLOTS):
@@ -304,7 +309,9 @@ class QemuMachine:
                 continue
             bus = QtestMmioBus(self.client, base, MMIO_GSI + slot)
             try:
-                found.append(MmioTransport(bus, self.memory, self.allocator))
+                found.append(
+                    MmioTransport(bus, self.memory, self.allocator, legacy_order=legacy_order)
+                )
             except NoDevice:
                 continue
         return found
@@ -391,7 +398,7 @@ def qemu_machine(
         client: QtestClient | None = None
         try:
             try:
-                client = QtestClient(str(sock), timeout)
+                client = QtestClient(str(sock), timeout, alive=lambda: proc.poll() is None)
             except QtestError as err:
                 raise QtestError(f"{err}; QEMU said: {log.read_text(errors='replace')}") from err
             client.command("irq_intercept_in ioapic")
