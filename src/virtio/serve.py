@@ -82,9 +82,10 @@ def build_parser(kind: DeviceType) -> argparse.ArgumentParser:
     p.add_argument(
         "--poll-us",
         type=float,
-        default=100.0,
+        default=None,
         help="poll the rings this long after serving before waiting for a kick; adapts "
-        "to the driver, 0 never polls (default 100)",
+        "to the driver, 0 never polls (default 100; 1000 for pci, where a kick costs the "
+        "guest a round trip of about half a millisecond)",
     )
     kind.add_arguments(p)
     return p
@@ -107,6 +108,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv[1:])
     if not 1 <= args.queue_size <= 32768 or args.queue_size & (args.queue_size - 1):
         parser.error("--queue-size must be a power of 2 up to 32768")
+    if args.poll_us is None:
+        args.poll_us = 100.0 if args.transport == "vhost-user" else 1000.0
     if not 0 <= args.poll_us <= 10_000:
         parser.error("--poll-us must be 0..10000")
     settings = DeviceSettings(

@@ -540,3 +540,33 @@ def test_a_legacy_driver_on_a_non_transitional_function_is_fenced_off() -> None:
     assert fn.bar_read(BAR_MODERN, COMMON_OFF + 0x12, 2) == 1  # num_queues again
     with pytest.raises(ValueError, match="real legacy BAR"):
         PciFunction(RngDevice(), transitional=True, legacy_guard=True)
+
+
+N_ISR_DRV = f"drivernormative:{P}PCI Device Layout / ISR status capability"
+
+
+class CountingBus(LocalPciBus):
+    """Counts the driver's reads of the ISR status byte."""
+
+    isr_reads = 0
+
+    def bar_read(self, bar: int, offset: int, size: int) -> int:
+        if bar == BAR_MODERN and offset == ISR_OFF:
+            self.isr_reads += 1
+        return super().bar_read(bar, offset, size)
+
+
+@pytest.mark.normative(N_ISR_DRV)
+@pytest.mark.parametrize("vectors", [2, 0], ids=["msix", "intx"])
+def test_with_msix_the_driver_leaves_the_isr_alone(vectors: int) -> None:
+    device = RngDevice()
+    memory = GuestMemory()
+    memory.add(0, bytearray(1 << 20))
+    device.attach_memory(memory)
+    bus = CountingBus(PciFunction(device, msix_vectors=vectors))
+    rng = RngDriver(PciTransport(bus, memory, Allocator(0x1000, 0xF0000)))
+    rng.initialize()
+    for _ in range(4):
+        assert len(rng.read(16)) == 16
+    # MSI-X: a queue interrupt names its queue, so the ISR is not read; INTx: it must be.
+    assert (bus.isr_reads == 0) if vectors else (bus.isr_reads >= 4)

@@ -11,7 +11,9 @@ def main(argv: list[str]) -> int:
     types = device_types()
     benches = {name: t for name, t in types.items() if t.bench is not None}
     if not argv or argv[0] in ("-h", "--help"):
-        kinds = ",".join(["ring", *benches, "backends", "latency", "guest"])
+        kinds = ",".join(
+            ["ring", *benches, "backends", "latency", "guest", "transports", "pci-guest"]
+        )
         print(f"usage: virtio bench {{{kinds}}} [options]  (see `virtio bench ring --help`)")
         return 0 if argv else 2
     kind, rest = argv[0], argv[1:]
@@ -27,6 +29,14 @@ def main(argv: list[str]) -> int:
         from virtio.bench.guest import main as guest_main
 
         return guest_main(rest)
+    if kind == "transports":
+        from virtio.bench.transports import transports_main
+
+        return transports_main(rest)
+    if kind == "pci-guest":
+        from virtio.bench.transports import pci_guest_main
+
+        return pci_guest_main(rest)
     if kind == "latency":
         from virtio.bench.latency import main as latency_main
 
@@ -39,7 +49,8 @@ def main(argv: list[str]) -> int:
             return 2
         return bench(rest)
     print(
-        f"virtio bench: unknown benchmark {kind!r} (ring, backends, latency, guest, "
+        f"virtio bench: unknown benchmark {kind!r} (ring, backends, latency, guest, transports, "
+        "pci-guest, "
         f"or a device type: {', '.join(benches)})",
         file=sys.stderr,
     )

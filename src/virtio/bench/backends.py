@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from virtio.bench.blk import JobSpec, LoadGenerator
 from virtio.bench.peers import backends
+from virtio.core.driver import DriverTransport
 from virtio.devices.blk import BlkDriver
 from virtio.vhost_user.frontend import connect_blk
 
@@ -24,11 +27,16 @@ JOBS = [
 ]
 
 
-def run_jobs(sock: Path, runtime: float) -> dict[str, dict[str, float]]:
+Connect = Callable[[], AbstractContextManager[DriverTransport]]
+
+
+def run_jobs(target: Path | Connect, runtime: float) -> dict[str, dict[str, float]]:
+    """Every job of JOBS against a vhost-user socket, or a fresh transport from ``target()``."""
+    connect: Connect = (lambda: connect_blk(str(target))) if isinstance(target, Path) else target
     out: dict[str, dict[str, float]] = {}
     for name, template in JOBS:
-        with connect_blk(str(sock)) as frontend:
-            driver = BlkDriver(frontend)
+        with connect() as transport:
+            driver = BlkDriver(transport)
             driver.initialize()
             spec = JobSpec(**{**template.__dict__, "runtime": runtime})
             result = LoadGenerator(driver, spec).run()

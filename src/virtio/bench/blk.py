@@ -1,8 +1,9 @@
 """`virtio bench blk`: a fio-like load generator on the pyvirtio blk driver.
 
 It drives a block device through any transport: a vhost-user back-end
-(``--connect SOCK``: QEMU's qemu-storage-daemon, ``virtio serve blk``, ...) or
-an image file served in process (``--loopback IMAGE``). Options follow fio's
+(``--connect SOCK``: QEMU's qemu-storage-daemon, ``virtio serve blk``, ...),
+an image file served in process (``--loopback IMAGE``), or QEMU's own
+virtio-blk-pci reached register by register through qtest (``--qemu-pci IMAGE``). Options follow fio's
 names. Each queue keeps ``--iodepth`` requests in flight with buffers
 allocated once; a kick covers a whole batch and notifications are
 suppressed while the loop polls.
@@ -346,6 +347,20 @@ def vhost_user_transport(path: str, num_queues: int) -> Iterator[DriverTransport
         yield transport
 
 
+@contextmanager
+def qemu_pci_transport(image: str, num_queues: int) -> Iterator[DriverTransport]:
+    """QEMU's own virtio-blk-pci on ``image``, driven through qtest (no guest runs)."""
+    from virtio.vm.qtest import qemu_machine
+
+    device = f"virtio-blk-pci,drive=d0,disable-legacy=on,num-queues={num_queues}"
+    drive = ["-drive", f"if=none,id=d0,file={image},format=raw,cache=none,aio=native"]
+    with qemu_machine([device], machine="q35", memory_mb=256, extra=drive) as machine:
+        transports = machine.pci_transports()
+        if not transports:
+            raise VirtioError("QEMU's virtio-blk-pci was not found on the bus")
+        yield transports[0]
+
+
 def _print_progress(result: Result, elapsed: float) -> None:
     iops = result.ios / elapsed if elapsed else 0
     mbs = result.bytes / elapsed / 1e6 if elapsed else 0
@@ -381,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--connect", metavar="SOCK", help="vhost-user-blk back-end socket")
     target.add_argument("--loopback", metavar="IMAGE", help="serve IMAGE in process")
+    target.add_argument(
+        "--qemu-pci",
+        metavar="IMAGE",
+        help="QEMU's virtio-blk-pci on IMAGE, reached through qtest",
+    )
     p.add_argument("--rw", choices=RW_MODES, default="randread")
     p.add_argument("--bs", type=parse_size, default=4096, help="block size (default 4k)")
     p.add_argument("--iodepth", type=int, default=1, help="requests in flight per queue")
@@ -421,12 +441,15 @@ def main(argv: list[str]) -> int:
     )
     try:
         with ExitStack() as stack:
+            image = args.loopback or args.qemu_pci
+            if image and not os.path.exists(image):
+                parser.error(f"no such image: {image}")
             if args.loopback:
-                if not os.path.exists(args.loopback):
-                    parser.error(f"no such image: {args.loopback}")
                 transport = stack.enter_context(
                     loopback_transport(args.loopback, args.num_queues, args.queue_size)
                 )
+            elif args.qemu_pci:
+                transport = stack.enter_context(qemu_pci_transport(image, args.num_queues))
             else:
                 transport = stack.enter_context(vhost_user_transport(args.connect, args.num_queues))
             driver = BlkDriver(transport, queue_size=args.queue_size)

@@ -202,7 +202,11 @@ class PciServer:
         function = self.function
         session = RemoteSession(function, OsMemory())
 
+        interrupts = 0
+
         def send(line: bytes) -> None:
+            nonlocal interrupts
+            interrupts += 1
             try:
                 conn.sendall(line)
             except OSError as err:
@@ -236,10 +240,11 @@ class PciServer:
                 function.intx = lambda _level: None
                 session.close()
                 log.info(
-                    "VM %d: %d register accesses, %d notifications",
+                    "VM %d: %d register accesses, %d notifications, %d interrupts",
                     self.connections,
                     session.accesses,
                     session.notifications,
+                    interrupts,
                 )
 
     def _loop(
