@@ -289,3 +289,16 @@ def test_the_driver_acknowledges_what_it_handled(tmp_path: Path) -> None:
         assert transport.bus.read(Reg.INTERRUPT_STATUS, 4) == 0
     finally:
         device.close()
+
+
+# Not a normative clause on MMIO (the register description says it): untagged.
+def test_an_out_of_range_queue_select_reads_as_no_queue() -> None:
+    mmio, _lines = window()
+    mmio.write(Reg.STATUS, 4, S.ACKNOWLEDGE | S.DRIVER)
+    mmio.write(Reg.QUEUE_SEL, 4, 0xFFFF_FFFF)
+    # No such queue: its maximum size reads 0 and it is not ready; nothing breaks.
+    assert mmio.read(Reg.QUEUE_SIZE_MAX, 4) == 0
+    assert mmio.read(Reg.QUEUE_READY, 4) == 0
+    assert not mmio.device.status & S.DEVICE_NEEDS_RESET
+    mmio.write(Reg.QUEUE_SEL, 4, 0)
+    assert mmio.read(Reg.QUEUE_SIZE_MAX, 4) > 0
