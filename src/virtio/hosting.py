@@ -1,12 +1,100 @@
-"""What the I/O adapters (vhost-user, QEMU's proxy) share: ring polling and failure logs."""
+"""What the I/O adapters (vhost-user, QEMU's proxy) share.
+
+A Unix socket server that serves one peer at a time and survives it
+(:class:`UnixServer`), adaptive ring polling (:class:`AdaptivePolling`) and
+one-line failure logs (:func:`log_failure`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
+import select
+import socket
+import threading
+from pathlib import Path
 
 from virtio.errors import VirtioError, one_line
 
 log = logging.getLogger("virtio.host")
+
+
+class UnixServer:
+    """Listens on a socket path and serves one connection at a time, forever.
+
+    Subclasses serve a connection in :meth:`serve_connection`; whatever it
+    raises (not ^C or exit) ends that connection with a log line, and the
+    server goes on to the next one. :meth:`stop` ends the loop within 0.2 s.
+    """
+
+    #: The peer, as log lines call it.
+    peer = "peer"
+    logger = log
+
+    def __init__(self, path: str | os.PathLike[str], backlog: int = 1) -> None:
+        self.path = Path(path)
+        self.backlog = backlog
+        self.stop_event = threading.Event()
+        self.connections = 0
+        self.listener: socket.socket | None = None
+
+    def bind(self) -> None:
+        if self.path.exists() or self.path.is_symlink():
+            if not self.path.is_socket():
+                raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
+            self.path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        listener.bind(str(self.path))
+        listener.listen(self.backlog)
+        self.listener = listener
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def serve_forever(self) -> None:
+        if self.listener is None:
+            self.bind()
+        assert self.listener is not None
+        try:
+            while not self.stop_event.is_set():
+                ready, _, _ = select.select([self.listener], [], [], 0.2)
+                if not ready:
+                    continue
+                try:
+                    conn, _ = self.listener.accept()
+                except OSError as err:  # e.g. out of fds: retry shortly
+                    self.logger.warning("cannot accept a %s: %s", self.peer, err)
+                    self.stop_event.wait(0.1)
+                    continue
+                self.connections += 1
+                self.logger.info("%s connected (connection %d)", self.peer, self.connections)
+                with conn:
+                    try:
+                        self.serve_connection(conn)
+                    except Exception as err:  # not BaseException: ^C and exit still stop us
+                        log_failure(
+                            f"connection {self.connections} failed", err, logger=self.logger
+                        )
+                    finally:
+                        self.connection_ended()
+                self.logger.info("%s disconnected; waiting for the next one", self.peer)
+        finally:
+            self.close()
+
+    def serve_connection(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def connection_ended(self) -> None:
+        """After every connection, however it ended (flush a backend, say)."""
 
 
 class AdaptivePolling:

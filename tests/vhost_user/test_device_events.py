@@ -125,6 +125,10 @@ class HostInput(VirtioDevice):
             chain = self.waiting.pop(0)
             self.answers.append("input")
             self.complete(0, chain, ChainWriter(chain).write(data[: chain.write_len]))
+            if not self.waiting and self.timer is not None:
+                # Nothing left to time out: the next request gets a full timeout of its own.
+                self.events.cancel(self.timer)
+                self.timer = None
 
     def _give_up(self, now: float) -> None:
         self.timer = None

@@ -14,18 +14,15 @@ ends that VM's session with a one-line log, never the server.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from virtio.core.device import VirtioDevice
-from virtio.hosting import AdaptivePolling
+from virtio.hosting import AdaptivePolling, UnixServer
 from virtio.hosting import log_failure as _log_failure
 from virtio.memory import Buffer, FileMappings
 from virtio.mpqemu.control import HELLO, MAX_LINE, FunctionInfo, encode_intx, encode_msi
@@ -91,13 +88,16 @@ def recv_message(sock: socket.socket) -> Message:
     return Message(cmd, payload, fds)
 
 
-class PciServer:
+class PciServer(UnixServer):
     """Serves ``device`` as a PCI function to VMs that ``virtio qemu`` attaches.
 
     ``transitional`` gives the function the transitional id and the legacy
     I/O BAR; ``poll_us`` is the longest the loop polls the rings after serving
     (adaptive; 0: never).
     """
+
+    peer = "`virtio qemu`"
+    logger = log
 
     def __init__(
         self,
@@ -108,13 +108,10 @@ class PciServer:
         transitional: bool = False,
         poll_us: float = 100.0,
     ) -> None:
-        self.path = Path(path)
+        super().__init__(path, backlog=4)
         self.device = device
         self.name = name
         self.poll_us = poll_us
-        self.stop_event = threading.Event()
-        self.listener: socket.socket | None = None
-        self.connections = 0
         vectors = min(len(device.queues) + 1, 0x800)  # one per queue and the config's
         self.function = PciFunction(device, transitional=transitional, msix_vectors=vectors)
         self.info = FunctionInfo(
@@ -124,60 +121,13 @@ class PciServer:
             msix_vectors=vectors,
         )
 
-    def bind(self) -> None:
-        if self.path.exists() or self.path.is_symlink():
-            if not self.path.is_socket():
-                raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
-            self.path.unlink()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        listener.bind(str(self.path))
-        listener.listen(4)
-        self.listener = listener
-
-    def stop(self) -> None:
-        self.stop_event.set()
-
-    def close(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-
-    def serve_forever(self) -> None:
-        if self.listener is None:
-            self.bind()
-        assert self.listener is not None
-        try:
-            while not self.stop_event.is_set():
-                ready, _, _ = select.select([self.listener], [], [], 0.2)
-                if not ready:
-                    continue
-                try:
-                    conn, _ = self.listener.accept()
-                except OSError as err:
-                    log.warning("cannot accept a connection: %s", err)
-                    self.stop_event.wait(0.1)
-                    continue
-                self.connections += 1
-                with conn:
-                    try:
-                        self._serve_connection(conn)
-                    except Exception as err:  # one VM's failure is not the server's
-                        _fail(f"VM {self.connections} failed", err)
-                    finally:
-                        self._flush()
-                log.info("VM %d gone; waiting for the next one", self.connections)
-        finally:
-            self.close()
-
-    def _flush(self) -> None:
+    def connection_ended(self) -> None:
         try:
             self.device.flush_backend()
         except Exception as err:
             _fail("cannot flush the device", err)
 
-    def _serve_connection(self, conn: socket.socket) -> None:
+    def serve_connection(self, conn: socket.socket) -> None:
         conn.settimeout(MESSAGE_TIMEOUT)
         try:
             hello = _read_line(conn)

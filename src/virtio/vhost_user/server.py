@@ -18,17 +18,14 @@ loop's clock passed in.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import select
 import socket
-import threading
 import time
-from pathlib import Path
 
 from virtio.core.device import VirtioDevice
-from virtio.hosting import AdaptivePolling
+from virtio.hosting import AdaptivePolling, UnixServer
 from virtio.hosting import log_failure as _log_failure
 from virtio.memory import Buffer, FileMappings
 from virtio.vhost_user.backend import BackendSession
@@ -102,70 +99,24 @@ class OsHost:
             log.warning("back-end request channel: %s", err)
 
 
-class VhostUserServer:
+class VhostUserServer(UnixServer):
     """Serves a device model to vhost-user front-ends on a Unix socket.
 
     ``poll_us`` is the longest the loop polls the rings for after serving
     (adaptive, see :class:`AdaptivePolling`; 0: never poll).
     """
 
+    peer = "front-end"
+    logger = log
+
     def __init__(
         self, path: str | os.PathLike[str], device: VirtioDevice, *, poll_us: float = 100.0
     ) -> None:
-        self.path = Path(path)
+        super().__init__(path)
         self.device = device
         self.poll_us = poll_us
-        self.stop_event = threading.Event()
-        self.connections = 0
-        self.listener: socket.socket | None = None
 
-    def bind(self) -> None:
-        if self.path.exists() or self.path.is_symlink():
-            if not self.path.is_socket():
-                raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
-            self.path.unlink()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        listener.bind(str(self.path))
-        listener.listen(1)
-        self.listener = listener
-
-    def stop(self) -> None:
-        self.stop_event.set()
-
-    def close(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-
-    def serve_forever(self) -> None:
-        if self.listener is None:
-            self.bind()
-        assert self.listener is not None
-        try:
-            while not self.stop_event.is_set():
-                ready, _, _ = select.select([self.listener], [], [], 0.2)
-                if not ready:
-                    continue
-                try:
-                    conn, _ = self.listener.accept()
-                except OSError as err:  # e.g. out of fds: retry shortly
-                    log.warning("cannot accept a front-end: %s", err)
-                    self.stop_event.wait(0.1)
-                    continue
-                self.connections += 1
-                log.info("front-end connected (connection %d)", self.connections)
-                with conn:
-                    try:
-                        self._serve_connection(conn)
-                    except Exception as err:  # not BaseException: ^C and exit still stop us
-                        _fail(f"connection {self.connections} failed", err)
-                log.info("front-end disconnected; waiting for the next one")
-        finally:
-            self.close()
-
-    def _serve_connection(self, conn: socket.socket) -> None:
+    def serve_connection(self, conn: socket.socket) -> None:
         with select.epoll() as poller:
             host = OsHost(poller)
             session = BackendSession(self.device, host)
