@@ -16,9 +16,45 @@ import socket
 import threading
 from pathlib import Path
 
+from virtio.core.events import EventSources
 from virtio.errors import VirtioError, one_line
 
 log = logging.getLogger("virtio.host")
+
+
+class DeviceFds:
+    """Keeps an epoll set watching exactly the fds a device model asked for.
+
+    ``with DeviceFds(poller, device.events) as fds:`` registers them, follows
+    every change the device makes, and unregisters them at the end;
+    ``fd in fds.watched`` tells the loop an fd is the device's.
+    """
+
+    def __init__(self, poller: select.epoll, events: EventSources) -> None:
+        self.poller = poller
+        self.events = events
+        self.watched: set[int] = set()
+
+    def sync(self) -> None:
+        wanted = set(self.events.fds)
+        for fd in self.watched - wanted:
+            with contextlib.suppress(OSError, ValueError):
+                self.poller.unregister(fd)
+        for fd in wanted - self.watched:
+            self.poller.register(fd, select.EPOLLIN)
+        self.watched = wanted
+
+    def __enter__(self) -> DeviceFds:
+        self.events.add_listener(self.sync)
+        self.sync()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.events.remove_listener(self.sync)
+        for fd in self.watched:
+            with contextlib.suppress(OSError, ValueError):
+                self.poller.unregister(fd)
+        self.watched = set()
 
 
 class UnixServer:

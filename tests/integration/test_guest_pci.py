@@ -127,19 +127,38 @@ def check_io(result: GuestResult) -> None:
     assert rng == [["128", "virtio_rng.0"]], rng
 
 
+Booted = tuple[GuestResult, list[ServeProcess]]
+
+
+@pytest.fixture
+def pci_guest(
+    guest_assets: GuestAssets,
+    blk_server: Callable[..., BlkServer],
+    rng_server: Callable[..., ServeProcess],
+) -> Callable[..., Booted]:
+    """Serve blk and rng over ``transport``, boot the guest, check its I/O."""
+
+    def run(transport: str, *kernel_args: str) -> Booted:
+        servers = [blk_server("--transport", transport), rng_server("--transport", transport)]
+        result = boot(guest_assets, servers, kernel_args)
+        check_io(result)
+        return result, servers
+
+    return run
+
+
+def used_legacy(servers: list[ServeProcess]) -> list[bool]:
+    return ["the driver uses the legacy interface" in s.log_text() for s in servers]
+
+
 # A real PCI stack (SeaBIOS, then Linux's PCI core and virtio_pci) enumerates,
 # sizes and enables the functions: the interface meets what PCI requires of it.
 @pytest.mark.normative(N_PCI_DEV, N_DISCOVERY_DEV, N_USED_NOTIFY_DEV, N_MSIX_DEV, N_CAPS_DEV)
 @pytest.mark.normative(N_BLK_DEV_OP, N_ENTROPY_DEV)
 def test_linux_virtio_pci_uses_modern_functions_with_msix(
-    guest_assets: GuestAssets,
-    blk_server: Callable[..., BlkServer],
-    rng_server: Callable[..., ServeProcess],
+    pci_guest: Callable[..., Booted],
 ) -> None:
-    blk = blk_server("--transport", "pci")
-    rng = rng_server("--transport", "pci")
-    result = boot(guest_assets, [blk, rng])
-    check_io(result)
+    result, servers = pci_guest("pci")
     # Modern ids: 0x1040 + device type, revision 1, driven by virtio-pci.
     found = functions(result)
     for pci_id, klass in (("0x1042", "0x010000"), ("0x1044", "0xff0000")):
@@ -149,25 +168,19 @@ def test_linux_virtio_pci_uses_modern_functions_with_msix(
         # The firmware sized and placed both memory BARs (MSI-X, and the virtio structures).
         assert (found_class, bars) == (klass, "2"), found[pci_id]
     # One vector per queue and one for configuration changes; the queues' fired.
-    disk = interrupts(result, "0x1042", "PCI-MSI")
-    assert disk.keys() == {f"{found['0x1042'][3]}-config", f"{found['0x1042'][3]}-req.0"}, disk
-    assert disk[f"{found['0x1042'][3]}-req.0"] > 0, disk
-    entropy = interrupts(result, "0x1044", "PCI-MSI")
-    assert entropy[f"{found['0x1044'][3]}-input"] > 0, entropy
-    assert "the driver uses the legacy interface" not in blk.log_text()
+    disk, entropy = found["0x1042"][3], found["0x1044"][3]
+    vectors = interrupts(result, "0x1042", "PCI-MSI")
+    assert vectors.keys() == {f"{disk}-config", f"{disk}-req.0"} and vectors[f"{disk}-req.0"] > 0
+    assert interrupts(result, "0x1044", "PCI-MSI")[f"{entropy}-input"] > 0
+    assert used_legacy(servers) == [False, False]
 
 
 @pytest.mark.normative(N_DISCOVERY_DEV, N_USED_NOTIFY_DEV, N_MSIX_DEV)
 @pytest.mark.normative(N_BLK_DEV_OP, N_ENTROPY_DEV)
 def test_linux_legacy_driver_uses_transitional_functions_with_msix(
-    guest_assets: GuestAssets,
-    blk_server: Callable[..., BlkServer],
-    rng_server: Callable[..., ServeProcess],
+    pci_guest: Callable[..., Booted],
 ) -> None:
-    blk = blk_server("--transport", "pci-transitional")
-    rng = rng_server("--transport", "pci-transitional")
-    result = boot(guest_assets, [blk, rng], ("virtio_pci.force_legacy=1",))
-    check_io(result)
+    result, servers = pci_guest("pci-transitional", "virtio_pci.force_legacy=1")
     found = functions(result)
     # Transitional ids and revision 0; the subsystem id is the device type.
     assert found["0x1001"][:3] == ["0x00", "0x0002", "virtio-pci"]
@@ -175,26 +188,17 @@ def test_linux_legacy_driver_uses_transitional_functions_with_msix(
     for pci_id in ("0x1001", "0x1005"):
         vectors = interrupts(result, pci_id, "PCI-MSI")
         assert sum(n for name, n in vectors.items() if not name.endswith("-config")) > 0, vectors
-    for server in (blk, rng):
-        assert "the driver uses the legacy interface" in server.log_text()
+    assert used_legacy(servers) == [True, True]
 
 
 @pytest.mark.normative(N_DISCOVERY_DEV, N_USED_NOTIFY_DEV, N_ISR_DEV)
 @pytest.mark.normative(N_BLK_DEV_OP, N_ENTROPY_DEV)
-def test_linux_legacy_driver_uses_intx_and_the_isr(
-    guest_assets: GuestAssets,
-    blk_server: Callable[..., BlkServer],
-    rng_server: Callable[..., ServeProcess],
-) -> None:
-    blk = blk_server("--transport", "pci-transitional")
-    rng = rng_server("--transport", "pci-transitional")
+def test_linux_legacy_driver_uses_intx_and_the_isr(pci_guest: Callable[..., Booted]) -> None:
     # No MSI in the guest: the legacy I/O BAR without the MSI-X fields, INTx and the ISR.
-    result = boot(guest_assets, [blk, rng], ("virtio_pci.force_legacy=1", "pci=nomsi"))
-    check_io(result)
+    result, servers = pci_guest("pci-transitional", "virtio_pci.force_legacy=1", "pci=nomsi")
     # Our slots 0x10 and 0x11 are pin A on GSI 20 and 21 of q35 (ICH9: PIRQ E-H).
     for pci_id, gsi in (("0x1001", "20"), ("0x1005", "21")):
         assert not interrupts(result, pci_id, "PCI-MSI")
         intx = interrupts(result, pci_id, "IO-APIC")
         assert list(intx) == [gsi] and intx[gsi] > 0, (pci_id, lines(result, "IRQ"))
-    for server in (blk, rng):
-        assert "the driver uses the legacy interface" in server.log_text()
+    assert used_legacy(servers) == [True, True]

@@ -65,6 +65,14 @@ CORE_FEATURES = (
 )
 
 
+def count_queues(queue_max_size: Callable[[int], int], limit: int = 1024) -> int:
+    """How many queues a device has, on a transport with no count: the first with size 0."""
+    count = 0
+    while count < limit and queue_max_size(count):
+        count += 1
+    return count
+
+
 class DriverTransport(Protocol):
     """How a driver reaches a device: registers, rings' memory, notifications.
 

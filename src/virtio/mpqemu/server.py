@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from virtio.core.device import VirtioDevice
-from virtio.hosting import AdaptivePolling, UnixServer
+from virtio.hosting import AdaptivePolling, DeviceFds, UnixServer
 from virtio.hosting import log_failure as _log_failure
 from virtio.memory import Buffer, FileMappings
 from virtio.mpqemu.control import HELLO, MAX_LINE, FunctionInfo, encode_intx, encode_msi
@@ -164,28 +164,12 @@ class PciServer(UnixServer):
 
         function.msi = lambda address, data: send(encode_msi(address, data))
         function.intx = lambda level: send(encode_intx(level, function.interrupt_line))
-        events = self.device.events
-        with select.epoll() as poller:
-            watched: set[int] = set()
-
-            def sync_device_fds() -> None:
-                wanted = set(events.fds)
-                for fd in watched - wanted:
-                    with contextlib.suppress(OSError, ValueError):
-                        poller.unregister(fd)
-                for fd in wanted - watched:
-                    poller.register(fd, select.EPOLLIN)
-                watched.clear()
-                watched.update(wanted)
-
+        with select.epoll() as poller, DeviceFds(poller, self.device.events) as fds:
             poller.register(proxy.fileno(), select.EPOLLIN)
             poller.register(conn.fileno(), select.EPOLLIN)
-            events.add_listener(sync_device_fds)
-            sync_device_fds()
             try:
-                self._loop(session, conn, proxy, poller, watched)
+                self._loop(session, conn, proxy, poller, fds)
             finally:
-                events.remove_listener(sync_device_fds)
                 function.msi = lambda _address, _data: None
                 function.intx = lambda _level: None
                 session.close()
@@ -203,7 +187,7 @@ class PciServer(UnixServer):
         conn: socket.socket,
         proxy: socket.socket,
         poller: select.epoll,
-        watched: set[int],
+        fds: DeviceFds,
     ) -> None:
         events = self.device.events
         poll = AdaptivePolling(self.poll_us / 1e6)
@@ -225,7 +209,7 @@ class PciServer(UnixServer):
                     if not conn.recv(MAX_LINE):  # the launcher is gone: so is the VM
                         log.info("`virtio qemu` closed the connection")
                         return
-                elif fd in watched and not _guarded(
+                elif fd in fds.watched and not _guarded(
                     "the device failed serving its own event", events.fd_ready, fd, time.monotonic()
                 ):
                     return

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Protocol
 
 from virtio.core.device import VirtioDevice
+from virtio.core.driver import count_queues
 from virtio.core.registers import DeviceRegisters
 from virtio.core.status import Interface
 from virtio.errors import GuestMemoryError, NegotiationError, SpecViolation, VirtioError
@@ -1184,10 +1185,7 @@ class CcwTransport:
     def num_queues(self) -> int:
         """No queue count on channel I/O: ask READ_VQ_CONF until a queue is missing."""
         if self._queue_count is None:
-            count = 0
-            while count < 1024 and self.queue_max_size(count):
-                count += 1
-            self._queue_count = count
+            self._queue_count = count_queues(self.queue_max_size)
         return self._queue_count
 
     def queue_max_size(self, index: int) -> int:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from virtio.core.device import VirtioDevice
+from virtio.core.driver import count_queues
 from virtio.core.registers import ISR_CONFIG, ISR_QUEUE, DeviceRegisters
 from virtio.core.status import Interface
 from virtio.errors import NegotiationError, VirtioError
@@ -420,10 +421,7 @@ class MmioTransport:
     def num_queues(self) -> int:
         """MMIO has no queue count: probe QueueSizeMax until a queue is missing."""
         if self._queue_count is None:
-            count = 0
-            while count < 1024 and self.queue_max_size(count):
-                count += 1
-            self._queue_count = count
+            self._queue_count = count_queues(self.queue_max_size)
         return self._queue_count
 
     def queue_max_size(self, index: int) -> int:

@@ -25,7 +25,7 @@ import socket
 import time
 
 from virtio.core.device import VirtioDevice
-from virtio.hosting import AdaptivePolling, UnixServer
+from virtio.hosting import AdaptivePolling, DeviceFds, UnixServer
 from virtio.hosting import log_failure as _log_failure
 from virtio.memory import Buffer, FileMappings
 from virtio.vhost_user.backend import BackendSession
@@ -134,22 +134,8 @@ class VhostUserServer(UnixServer):
     ) -> None:
         """Serve one front-end until it goes away or must be dropped."""
         events = self.device.events
-        watched: set[int] = set()
-
-        def sync_device_fds() -> None:
-            wanted = set(events.fds)
-            for fd in watched - wanted:
-                with contextlib.suppress(OSError, ValueError):
-                    poller.unregister(fd)
-            for fd in wanted - watched:
-                poller.register(fd, select.EPOLLIN)
-            watched.clear()
-            watched.update(wanted)
-
-        events.add_listener(sync_device_fds)
-        sync_device_fds()
         poll = AdaptivePolling(self.poll_us / 1e6)
-        try:
+        with DeviceFds(poller, events) as fds:
             while not self.stop_event.is_set():
                 timeout = _POLL_INTERVAL if host.polled else 0.2
                 deadline = events.next_deadline(time.monotonic())
@@ -173,7 +159,7 @@ class VhostUserServer(UnixServer):
                             return
                         served += count
                         unarmed = unarmed or polling
-                    elif fd in watched and not self._device_event(fd):
+                    elif fd in fds.watched and not self._device_event(fd):
                         return
                 for index in list(host.polled):
                     if self._kick(session, index, True) is None:
@@ -182,11 +168,6 @@ class VhostUserServer(UnixServer):
                     return
                 if (poll.active or unarmed) and not self._poll_rings(session, poll, served):
                     return
-        finally:
-            events.remove_listener(sync_device_fds)
-            for fd in watched:
-                with contextlib.suppress(OSError, ValueError):
-                    poller.unregister(fd)
 
     def _poll_rings(self, session: BackendSession, poll: AdaptivePolling, served: int) -> bool:
         """One polling step; kicks go back on when the window passes with nothing new."""
