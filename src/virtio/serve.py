@@ -17,9 +17,10 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 from types import FrameType
 
-from virtio.core.device import RingOptions
+from virtio.core.device import RingOptions, VirtioDevice
 from virtio.devices.registry import DeviceSettings, DeviceType, device_types
 from virtio.mpqemu.server import PciServer
 from virtio.vhost_user.server import VhostUserServer
@@ -31,17 +32,27 @@ TRANSPORTS = ("vhost-user", "pci", "pci-transitional")
 
 
 def attach_commands(
-    kind: DeviceType, socket_path: str, num_queues: int, packed: bool
+    kind: DeviceType,
+    socket_path: str,
+    num_queues: int,
+    packed: bool,
+    device: VirtioDevice | None = None,
 ) -> tuple[str, str]:
     """QEMU options and a UML command line that attach a guest to the socket."""
-    device = kind.qemu_vhost_user_device or f"vhost-user-device-pci,virtio-id={kind.device_id}"
+    qemu_device = kind.qemu_vhost_user_device or f"vhost-user-device-pci,virtio-id={kind.device_id}"
     queues = f",num-queues={num_queues}" if kind.name == "blk" else ""
+    if kind.qemu_options is not None and device is not None:
+        attach = kind.qemu_options(socket_path, device)
+    else:
+        attach = (
+            f"-chardev socket,id=v{kind.name},path={socket_path},reconnect=1 "
+            f"-device {qemu_device},chardev=v{kind.name}{queues}"
+            f"{',packed=on' if packed else ''}"
+        )
     qemu = (
         "qemu-system-x86_64 -m 512M "
         "-object memory-backend-memfd,id=mem,size=512M,share=on -machine q35,memory-backend=mem "
-        f"-chardev socket,id=v{kind.name},path={socket_path},reconnect=1 "
-        f"-device {device},chardev=v{kind.name}{queues}"
-        f"{',packed=on' if packed else ''} ..."
+        f"{attach} ..."
     )
     uml = "linux.uml mem=256M ... " + UML_DEVICE_ARG.format(
         socket=socket_path, device_id=kind.device_id
@@ -62,7 +73,15 @@ def build_parser(kind: DeviceType) -> argparse.ArgumentParser:
         description=f"Serve {kind.summary} over vhost-user or as a PCI function.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--socket", required=True, help="socket path to listen on")
+    if kind.devices_for_sockets is not None:
+        p.add_argument(
+            "--socket",
+            required=True,
+            action="append",
+            help="socket path to listen on; repeat it to serve one device per socket",
+        )
+    else:
+        p.add_argument("--socket", required=True, help="socket path to listen on")
     p.add_argument(
         "--transport",
         choices=TRANSPORTS,
@@ -116,54 +135,86 @@ def main(argv: list[str]) -> int:
         ring=RingOptions(packed=args.packed, event_idx=args.event_idx, indirect=args.indirect),
         queue_max_size=args.queue_size,
     )
+    sockets: list[str] = args.socket if isinstance(args.socket, list) else [args.socket]
+    if len(set(sockets)) != len(sockets):
+        parser.error("each --socket must be a different path")
     try:
-        device = kind.from_arguments(args, settings)
+        if kind.devices_for_sockets is not None:
+            devices = kind.devices_for_sockets(args, settings, len(sockets))
+        else:
+            devices = [kind.from_arguments(args, settings)]
     except ValueError as err:
         parser.error(str(err))
     except OSError as err:
         print(f"virtio serve {kind.name}: {err}", file=sys.stderr)
         return 1
-    server: VhostUserServer | PciServer
-    if args.transport == "vhost-user":
-        server = VhostUserServer(args.socket, device, poll_us=args.poll_us)
-    else:
-        try:
-            server = PciServer(
-                args.socket,
-                device,
-                name=kind.name,
-                transitional=args.transport == "pci-transitional",
-                poll_us=args.poll_us,
-            )
-        except ValueError as err:  # e.g. a type with no transitional PCI id
-            device.close()
-            parser.error(str(err))
+    servers: list[VhostUserServer | PciServer] = []
     try:
-        server.bind()
-    except OSError as err:
-        device.close()
-        print(f"virtio serve {kind.name}: cannot listen on {args.socket}: {err}", file=sys.stderr)
-        return 1
+        for path, device in zip(sockets, devices, strict=True):
+            servers.append(_server(args, kind, path, device))
+    except ValueError as err:  # e.g. a type with no transitional PCI id
+        _close(devices)
+        parser.error(str(err))
+    for path, server in zip(sockets, servers, strict=True):
+        try:
+            server.bind()
+        except OSError as err:
+            for other in servers:
+                other.close()
+            _close(devices)
+            print(f"virtio serve {kind.name}: cannot listen on {path}: {err}", file=sys.stderr)
+            return 1
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)
-        server.stop()
+        for server in servers:
+            server.stop()
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    log.info("serving %s (%s) on %s", kind.name, device.describe(), args.socket)
-    if isinstance(server, PciServer):
-        log.info(
-            "a PCI function %s: attach QEMU with: %s", server.info.pci_id, qemu_pci(args.socket)
-        )
-    else:
-        qemu, uml = attach_commands(kind, args.socket, kind.num_queues(args), args.packed)
-        log.info("attach QEMU with: %s", qemu)
-        log.info("attach User-Mode Linux with: %s", uml)
+    for path, device, server in zip(sockets, devices, servers, strict=True):
+        log.info("serving %s (%s) on %s", kind.name, device.describe(), path)
+        if isinstance(server, PciServer):
+            log.info("a PCI function %s: attach QEMU with: %s", server.info.pci_id, qemu_pci(path))
+        else:
+            qemu, uml = attach_commands(kind, path, kind.num_queues(args), args.packed, device)
+            log.info("attach QEMU with: %s", qemu)
+            log.info("attach User-Mode Linux with: %s", uml)
+    # One thread per further socket: each server has its own loop and device.
+    threads = [
+        threading.Thread(target=server.serve_forever, name=f"serve-{i}", daemon=True)
+        for i, server in enumerate(servers[1:], start=1)
+    ]
+    for thread in threads:
+        thread.start()
     try:
-        server.serve_forever()
+        servers[0].serve_forever()
     finally:
-        device.flush_backend()
-        device.close()
+        for server in servers[1:]:
+            server.stop()
+        for thread in threads:
+            thread.join(timeout=10)
+        for device in devices:
+            device.flush_backend()
+        _close(devices)
         log.info("stopped; backend flushed, socket removed")
     return 0
+
+
+def _server(
+    args: argparse.Namespace, kind: DeviceType, path: str, device: VirtioDevice
+) -> VhostUserServer | PciServer:
+    if args.transport == "vhost-user":
+        return VhostUserServer(path, device, poll_us=args.poll_us)
+    return PciServer(
+        path,
+        device,
+        name=kind.name,
+        transitional=args.transport == "pci-transitional",
+        poll_us=args.poll_us,
+    )
+
+
+def _close(devices: list[VirtioDevice]) -> None:
+    for device in devices:
+        device.close()

@@ -196,6 +196,11 @@ class VirtioDevice:
         self.driver_features = 0
         self.negotiated = 0
         self.needs_reset_reason: str | None = None
+        #: Whether the features a driver accepts must meet each other's requirements.
+        #: A vhost-user back-end turns it off: its front-end negotiated with the driver
+        #: and keeps some features to itself (QEMU serves net's control queue, so the
+        #: back-end sees VIRTIO_NET_F_MQ without VIRTIO_NET_F_CTRL_VQ).
+        self.check_requirements = True
         self._config_change_pending = False
         self.offered_features = self.ring_options.feature_bits() | self.device_features()
         problems = F.unmet_requirements(self.device_id, self.offered_features)
@@ -344,9 +349,10 @@ class VirtioDevice:
             return f"driver accepted features not offered: {extra:#x} [{N_FEATURES_DRV}]"
         if not features >> F.VIRTIO_F_VERSION_1 & 1:
             return f"driver did not accept VIRTIO_F_VERSION_1 [{N_RESERVED_DEV}]"
-        problems = F.unmet_requirements(self.device_id, features)
-        if problems:
-            return f"{'; '.join(problems)} [{N_FEATURES_DRV}]"
+        if self.check_requirements:
+            problems = F.unmet_requirements(self.device_id, features)
+            if problems:
+                return f"{'; '.join(problems)} [{N_FEATURES_DRV}]"
         return self.validate_features(features)
 
     def _negotiated(self, features: int) -> None:
@@ -638,6 +644,32 @@ class VirtioDevice:
             self.used_hook(q.index, items)
         if self.live and ring.needs_notify():
             self.hooks.notify_used(q.index)
+
+    def pop_available(self, index: int, limit: int) -> list[Chain]:
+        """Pop up to ``limit`` chains without serving them.
+
+        For a device that fills buffers when data arrives rather than when the
+        driver notifies (net's receive queues); it returns them with
+        :meth:`push_used`. A broken ring fails the device and pops nothing.
+        """
+        ring = self.queues[index].ring
+        if ring is None or not self.live:
+            return []
+        try:
+            return ring.pop_many(limit)
+        except SpecViolation as err:
+            self.fail(err.message, err.normative)
+            return []
+
+    def push_used(self, index: int, items: Sequence[tuple[Chain, int]]) -> None:
+        """Return chains taken with :meth:`pop_available`, as one batch."""
+        q = self.queues[index]
+        if q.ring is None or self.status & _NEEDS_RESET or not items:
+            return
+        try:
+            self._push(q, items)
+        except SpecViolation as err:
+            self.fail(err.message, err.normative)
 
     def complete(self, queue_index: int, chain: Chain, written: int) -> None:
         """Return one chain the device kept (see :meth:`complete_many`)."""

@@ -55,6 +55,14 @@ class DeviceType:
     num_queues: Callable[[argparse.Namespace], int] = lambda _args: 1
     #: ``module:function`` of the type's load generator (`virtio bench TYPE`), if any.
     bench: str | None = None
+    #: QEMU options attaching a guest to a socket, for types QEMU attaches its own way
+    #: (net: ``-netdev vhost-user``); arguments: the socket path and the device served.
+    qemu_options: Callable[[str, VirtioDevice], str] | None = None
+    #: Builds one device per ``--socket`` when a type serves several at once (net's
+    #: switch ports); None: the type serves one socket.
+    devices_for_sockets: (
+        Callable[[argparse.Namespace, DeviceSettings, int], list[VirtioDevice]] | None
+    ) = None
 
     def bench_main(self) -> Callable[[list[str]], int] | None:
         """The type's benchmark entry point, imported on demand."""

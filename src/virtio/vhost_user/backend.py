@@ -183,6 +183,8 @@ class BackendSession:
         self.device = device
         self.host = host
         self.registers = regs = DeviceRegisters(device, interrupts=self)
+        # The front-end negotiated with the driver and may keep features to itself.
+        device.check_requirements = False
         self.num_queues = regs.num_queues
         # Over vhost-user the front-end (the VMM, or the guest through it) picks the
         # ring size; the back-end takes any size the rings allow.
@@ -607,7 +609,10 @@ class BackendSession:
         vring = self._vring(index, msg)
         if num not in (0, 1):
             raise VhostUserError(f"SET_VRING_ENABLE: value {num} is not 0 or 1")
-        if not self._has_feature_protocol():
+        # QEMU's net front-end enables and disables queue pairs as the guest picks
+        # them, which may come before SET_FEATURES: then the offer is what counts.
+        offered = not self.features_set and self.offered_features >> F_PROTOCOL_FEATURES & 1
+        if not self._has_feature_protocol() and not offered:
             raise VhostUserError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
         vring.enabled = bool(num)
         if vring.enabled:

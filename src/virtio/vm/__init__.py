@@ -7,13 +7,21 @@ console output and exit status. See docs/guest.md.
 """
 
 from virtio.vm.assets import AssetError, GuestAssets, cache_dir, prepare
-from virtio.vm.runner import GuestResult, VhostUserBlkDisk, qemu_command, run_guest, uml_command
+from virtio.vm.runner import (
+    GuestResult,
+    VhostUserBlkDisk,
+    VhostUserNic,
+    qemu_command,
+    run_guest,
+    uml_command,
+)
 
 __all__ = [
     "AssetError",
     "GuestAssets",
     "GuestResult",
     "VhostUserBlkDisk",
+    "VhostUserNic",
     "cache_dir",
     "prepare",
     "qemu_command",

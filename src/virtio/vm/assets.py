@@ -38,6 +38,9 @@ QEMU_MODULES = [
     "virtio_mmio",
     "virtio_blk",
     "virtio-rng",  # the file's name; the module is virtio_rng
+    "failover",
+    "net_failover",
+    "virtio_net",
     "netfs",
     "fscache",
     "9pnet",
@@ -49,7 +52,7 @@ QEMU_MODULES = [
     "crc32c_generic",
     "ext4",
 ]
-UML_MODULES = ["virtio_blk"]
+UML_MODULES = ["virtio_blk", "failover", "net_failover", "virtio_net"]
 UML_BINARY = "/usr/bin/linux.uml"
 UML_MODULES_DIR = Path("/usr/lib/uml/modules")
 BUSYBOX = Path("/bin/busybox")
@@ -107,6 +110,18 @@ APPLETS = [
     "timeout",
     "date",
     "expr",
+    "ip",
+    "ifconfig",
+    "ping",
+    "nc",
+    "udhcpc",
+    "kill",
+    "ps",
+    "pidof",
+    "nslookup",
+    "wget",
+    "arping",
+    "route",
 ]
 
 # The guest's /init: mount the basics, load virtio, run the host's script,

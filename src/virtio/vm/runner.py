@@ -41,6 +41,17 @@ class VhostUserBlkDisk:
     queue_size: int | None = None
 
 
+@dataclass(frozen=True)
+class VhostUserNic:
+    """A virtio-net interface the guest gets, its device served at ``socket``."""
+
+    socket: str
+    queues: int = 1
+    mac: str | None = None
+    packed: bool = False
+    reconnect: bool = False
+
+
 @dataclass
 class GuestResult:
     output: str
@@ -87,6 +98,7 @@ def qemu_command(
     smp: int = 1,
     host_share: bool = False,
     kernel_args: Sequence[str] = (),
+    nics: Sequence[VhostUserNic] = (),
 ) -> list[str]:
     mmio = transport == "mmio"
     append = " ".join(["console=ttyS0 rdinit=/init panic=-1 quiet loglevel=3", *kernel_args])
@@ -141,6 +153,27 @@ def qemu_command(
         elif transport == "pci-transitional":
             opts += ",disable-legacy=off,disable-modern=off"
         cmd += ["-chardev", chardev, "-device", opts]
+    for i, nic in enumerate(nics):
+        chardev = f"socket,id=vn{i},path={nic.socket}"
+        if nic.reconnect:
+            chardev += ",reconnect=1"
+        netdev = f"vhost-user,id=net{i},chardev=vn{i}"
+        device = "virtio-net-device" if mmio else "virtio-net-pci"
+        opts = f"{device},netdev=net{i}"
+        if nic.queues > 1:
+            netdev += f",queues={nic.queues}"
+            opts += ",mq=on"
+        if not mmio:
+            # Debian's QEMU 7.2 crashes in vhost_net_start with MSI-X vectors for a
+            # vhost-user netdev: INTx only.
+            opts += ",vectors=0"
+            if transport == "pci":
+                opts += ",disable-legacy=on"
+        if nic.mac:
+            opts += f",mac={nic.mac}"
+        if nic.packed:
+            opts += ",packed=on"
+        cmd += ["-chardev", chardev, "-netdev", netdev, "-device", opts]
     if host_share:
         fs_device = "virtio-9p-device" if mmio else "virtio-9p-pci"
         cmd += [
@@ -160,6 +193,7 @@ def uml_command(
     memory_mb: int = 256,
     host_share: bool = False,
     kernel_args: Sequence[str] = (),
+    nics: Sequence[VhostUserNic] = (),
 ) -> list[str]:
     cmd = [
         str(assets.uml),
@@ -177,6 +211,8 @@ def uml_command(
         cmd.append("pyvirtio.hostroot=1")
     for disk in disks:
         cmd.append(f"virtio_uml.device={disk.socket}:2")
+    for nic in nics:
+        cmd.append(f"virtio_uml.device={nic.socket}:1")
     return cmd
 
 
@@ -211,6 +247,7 @@ def run_guest(
     assets: GuestAssets | None = None,
     kernel_args: Sequence[str] = (),
     launcher: Sequence[str] = (),
+    nics: Sequence[VhostUserNic] = (),
 ) -> GuestResult:
     """Boot a guest, run ``script`` in it, return what happened.
 
@@ -232,6 +269,7 @@ def run_guest(
                 smp=smp,
                 host_share=host_share,
                 kernel_args=kernel_args,
+                nics=nics,
             )
             cmd = [*launcher, *cmd]
         else:
@@ -243,6 +281,7 @@ def run_guest(
                 memory_mb=memory_mb or 256,
                 host_share=host_share,
                 kernel_args=kernel_args,
+                nics=nics,
             )
         out_path = run_dir / "console.log"
         env = dict(os.environ, TMPDIR=tmp)

@@ -1,0 +1,398 @@
+"""The network driver: send and receive Ethernet frames through any device's queues.
+
+Receive and transmit buffers are allocated once, in slots of guest memory
+(:class:`NetDriver.start`), and reused: a frame is copied into a free
+transmit slot, and a receive slot goes back to the device as soon as its
+frame is read. The packet API is small:
+
+    driver = NetDriver(transport); driver.initialize(); driver.start()
+    driver.send(frame)                       # or send_many(frames), with a NetHdr for offloads
+    for hdr, frame in driver.receive(timeout=1.0): ...
+
+A device that breaks the rules (a used length past the buffer, ``num_buffers``
+of 0 or more buffers than it could have used) costs the frame, not the driver:
+the frame is dropped and counted in ``errors``; a ring the device corrupts
+stops the driver (``broken``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from virtio.core.driver import VirtioDriver
+from virtio.devices.net import wire as W
+from virtio.errors import SpecViolation
+from virtio.layout import ByteOrder
+from virtio.spec.device_ids import DeviceId
+
+log = logging.getLogger("virtio.net.driver")
+
+_NET = "Device Types / Network Device"
+N_RX_DRV = f"drivernormative:{_NET} / Device Operation / Processing of Incoming Packets"
+N_TX_DRV = f"drivernormative:{_NET} / Device Operation / Packet Transmission"
+N_CONFIG_DRV = f"drivernormative:{_NET} / Device configuration layout"
+
+#: The feature bits this driver knows and takes when offered.
+DRIVER_FEATURES = (
+    1 << W.MAC
+    | 1 << W.MTU
+    | 1 << W.STATUS
+    | 1 << W.MRG_RXBUF
+    | 1 << W.CTRL_VQ
+    | 1 << W.CTRL_RX
+    | 1 << W.CTRL_VLAN
+    | 1 << W.CTRL_RX_EXTRA
+    | 1 << W.CTRL_MAC_ADDR
+    | 1 << W.GUEST_ANNOUNCE
+    | 1 << W.MQ
+    | 1 << W.CTRL_GUEST_OFFLOADS
+    | 1 << W.NOTF_COAL
+    | 1 << W.VQ_NOTF_COAL
+    | 1 << W.SPEED_DUPLEX
+    | 1 << W.STANDBY
+    | W.GUEST_OFFLOAD_BITS
+    | W.HOST_OFFLOAD_BITS
+)
+
+
+@dataclass
+class DriverCounters:
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    #: Frames the device returned malformed (dropped here).
+    errors: int = 0
+    #: Frames not sent because every transmit slot was in use.
+    tx_full: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def error(self, reason: str) -> None:
+        self.errors += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+
+class NetDriver(VirtioDriver):
+    """A virtio-net driver for tests, benchmarks and tools."""
+
+    device_id = DeviceId.NET
+
+    def __init__(
+        self,
+        transport: object,
+        *,
+        features: int | None = None,
+        queue_size: int | None = None,
+        avoid_features: int = 0,
+        queue_pairs: int | None = None,
+        rx_buffer_size: int | None = None,
+        max_tx_frame: int | None = None,
+    ) -> None:
+        super().__init__(
+            transport,  # type: ignore[arg-type]
+            features=features,
+            queue_size=queue_size,
+            avoid_features=avoid_features,
+        )
+        self.want_pairs = queue_pairs
+        self.rx_buffer_size = rx_buffer_size
+        #: The largest frame to send (a GSO frame is up to wire.MAX_GSO_FRAME).
+        self.max_tx_frame = max_tx_frame
+        self.counters = DriverCounters()
+        self.pairs = 1
+        self.hdr_size = 12
+        self.mac = b"\x02\x00\x00\x00\x00\x01"
+        self.mtu: int | None = None
+        self._tx_free: list[deque[tuple[int, int]]] = []
+        self._rx_slots: list[int] = []
+        self._rx_partial: list[list[bytes]] = []
+        self._rx_expect: list[int] = []
+
+    # -- negotiation -------------------------------------------------------------------
+
+    def supported_features(self) -> int:
+        return DRIVER_FEATURES
+
+    def _max_pairs(self) -> int:
+        if not (self.has(W.MQ) or self.has(W.RSS)):
+            return 1
+        raw = self.read_config(W.CFG_MAX_PAIRS, 2)
+        pairs = int.from_bytes(raw, self.byteorder)
+        return max(1, min(pairs, W.MQ_VQ_PAIRS_MAX))
+
+    def queues_wanted(self) -> int:
+        count = 2 * self._max_pairs()
+        if self.has(W.CTRL_VQ):
+            count += 1
+        # A vhost-user back-end may serve data queues only (its front-end keeps the
+        # control queue): take what the transport has.
+        return min(count, self.transport.num_queues())
+
+    def setup(self) -> None:
+        self.hdr_size = W.header_size(self.negotiated, legacy=self.transport.legacy)
+        if self.has(W.MAC):
+            # The NIC's address is the device's mac when MAC is negotiated.
+            self.mac = self.read_config(W.CFG_MAC, 6)
+        if self.has(W.MTU):
+            self.mtu = int.from_bytes(self.read_config(W.CFG_MTU, 2), self.byteorder)
+
+    @property
+    def ctrl_queue(self) -> int | None:
+        if not self.has(W.CTRL_VQ) or len(self.queues) % 2 == 0:
+            return None
+        return len(self.queues) - 1
+
+    @property
+    def max_pairs(self) -> int:
+        return len(self.queues) // 2
+
+    def link_up(self) -> bool:
+        """The link state: the bottom bit of status, or up without VIRTIO_NET_F_STATUS."""
+        if not self.has(W.STATUS):
+            return True
+        status = int.from_bytes(self.read_config(W.CFG_STATUS, 2), self.byteorder)
+        return bool(status & W.S_LINK_UP)
+
+    # -- buffers ---------------------------------------------------------------------------
+
+    def start(self, *, tx_slots: int | None = None) -> None:
+        """Fill every receive queue and set aside transmit slots; set the queue pairs."""
+        gso = self.negotiated & W.GUEST_OFFLOAD_BITS & ~(1 << W.GUEST_CSUM)
+        if self.rx_buffer_size is not None:
+            size = self.rx_buffer_size
+        elif self.has(W.MRG_RXBUF):
+            size = 2048
+        else:
+            # Without merging, one buffer holds the largest frame the device may send.
+            size = self.hdr_size + (W.MAX_GSO_FRAME if gso else 1514 + 4)
+        self._rx_slots = []
+        pairs = self.max_pairs
+        alloc = self.transport.allocator
+        for pair in range(pairs):
+            q = self.queues[2 * pair]
+            count = q.ring.size
+            base = alloc.alloc(size * count, 64)
+            self._rx_slots.append(size)
+            for i in range(count):
+                q.add((), [(base + i * size, size)], base + i * size)
+            self._rx_partial.append([])
+            self._rx_expect.append(0)
+            self.kick(2 * pair)
+        tx_size = self.hdr_size + (self.max_tx_frame or max(1518, (self.mtu or 0) + 18))
+        self._tx_free = []
+        for pair in range(pairs):
+            n = tx_slots or self.queues[2 * pair + 1].ring.size
+            base = alloc.alloc(tx_size * n, 64)
+            self._tx_free.append(deque((base + i * tx_size, tx_size) for i in range(n)))
+        want = self.want_pairs or 1
+        if want > 1 and self.has(W.MQ) and self.ctrl_queue is not None:
+            self.set_queue_pairs(min(want, pairs))
+
+    # -- transmit --------------------------------------------------------------------------
+
+    def send(self, frame: bytes, hdr: W.NetHdr | None = None, *, pair: int = 0) -> bool:
+        """Queue one frame and notify; False if no transmit slot was free."""
+        sent = self.send_many([frame], hdr, pair=pair)
+        return sent == 1
+
+    def send_many(
+        self, frames: Iterable[bytes], hdr: W.NetHdr | None = None, *, pair: int = 0
+    ) -> int:
+        """Queue frames on a transmit queue with one notification; returns how many."""
+        self._check_usable()
+        qi = 2 * pair + 1
+        q = self.queues[qi]
+        free = self._tx_free[pair]
+        memory = self.transport.memory
+        head = W.encode_header(hdr or W.NetHdr(), self.hdr_size, self.byteorder)
+        size = self.hdr_size
+        c = self.counters
+        sent = 0
+        limit = None
+        if self.mtu is not None and (hdr is None or hdr.gso_type == W.GSO_NONE):
+            limit = self.mtu + W.ETH_HLEN
+        self._reclaim_tx(pair)
+        for frame in frames:
+            if not free:
+                self._reclaim_tx(pair)
+                if not free:
+                    c.tx_full += 1
+                    break
+            if limit is not None and len(frame) > limit:
+                raise ValueError(
+                    f"a {len(frame)}-byte frame exceeds the MTU {self.mtu} ({N_CONFIG_DRV})"
+                )
+            addr, room = free.popleft()
+            n = size + len(frame)
+            if n > room:
+                free.appendleft((addr, room))
+                raise ValueError(f"a {len(frame)}-byte frame does not fit a transmit slot")
+            memory.write(addr, head)
+            memory.write(addr + size, frame)
+            q.add([(addr, n)], (), (addr, room))
+            sent += 1
+            c.tx_packets += 1
+            c.tx_bytes += len(frame)
+        if sent:
+            self.kick(qi)
+        return sent
+
+    def _reclaim_tx(self, pair: int) -> None:
+        try:
+            used = self.queues[2 * pair + 1].get_used()
+        except SpecViolation as err:
+            self._break(f"device corrupted transmit queue {2 * pair + 1}: {err}")
+            raise
+        free = self._tx_free[pair]
+        for token, _written in used:
+            assert isinstance(token, tuple)
+            free.append(token)
+
+    def tx_in_flight(self, pair: int = 0) -> int:
+        self._reclaim_tx(pair)
+        return self.queues[2 * pair + 1].outstanding if self.queues else 0
+
+    # -- receive ----------------------------------------------------------------------------
+
+    def poll_received(self, pair: int | None = None) -> list[tuple[W.NetHdr, bytes]]:
+        """Frames the device has delivered (no waiting); their buffers go back at once."""
+        self._check_usable()
+        out: list[tuple[W.NetHdr, bytes]] = []
+        pairs = range(self.max_pairs) if pair is None else (pair,)
+        for p in pairs:
+            self._harvest_rx(p, out)
+        return out
+
+    def receive(
+        self, timeout: float = 1.0, *, pair: int | None = None
+    ) -> list[tuple[W.NetHdr, bytes]]:
+        """Wait up to ``timeout`` for frames; an empty list if none came."""
+        got: list[tuple[W.NetHdr, bytes]] = []
+
+        def arrived() -> bool:
+            got.extend(self.poll_received(pair))
+            if got:
+                return True
+            pairs = range(self.max_pairs) if pair is None else (pair,)
+            if any(self.queues[2 * p].enable_interrupts() for p in pairs):
+                got.extend(self.poll_received(pair))
+            return bool(got)
+
+        self.transport.wait_until(arrived, timeout)
+        return got
+
+    def _harvest_rx(self, pair: int, out: list[tuple[W.NetHdr, bytes]]) -> None:
+        qi = 2 * pair
+        q = self.queues[qi]
+        try:
+            used = q.get_used()
+        except SpecViolation as err:
+            self._break(f"device corrupted receive queue {qi}: {err}")
+            raise
+        if not used:
+            return
+        memory = self.transport.memory
+        size = self.hdr_size
+        order = self.byteorder
+        slot = self._rx_slots[pair]
+        c = self.counters
+        partial = self._rx_partial[pair]
+        mergeable = self.has(W.MRG_RXBUF)
+        for token, written in used:
+            assert isinstance(token, int)
+            data = memory.read(token, written) if written else b""
+            q.add((), [(token, slot)], token)  # the slot goes straight back
+            if partial:
+                partial.append(data)
+                if len(partial) == self._rx_expect[pair]:
+                    whole = b"".join(partial)
+                    partial.clear()
+                    self._accept(whole, size, order, out)
+                continue
+            if written < size:
+                c.error("used length shorter than the header")
+                continue
+            if mergeable:
+                nbuf = int.from_bytes(data[10:12], order)
+                if nbuf == 0:
+                    c.error("num_buffers of 0")
+                    continue
+                if nbuf > q.ring.size:
+                    c.error(f"num_buffers {nbuf} larger than the receive queue")
+                    continue
+                if nbuf > 1:
+                    partial.append(data)
+                    self._rx_expect[pair] = nbuf
+                    continue
+            self._accept(data, size, order, out)
+        self.kick(qi)
+
+    def _accept(
+        self, data: bytes, size: int, order: ByteOrder, out: list[tuple[W.NetHdr, bytes]]
+    ) -> None:
+        hdr = W.decode_header(data, size, order)
+        c = self.counters
+        if hdr.gso_type & W.GSO_TUNNEL_BITS == W.GSO_TUNNEL_BITS:
+            # Both tunnel bits: the driver MUST NOT accept the packet.
+            c.error("both UDP tunnel bits set")
+            return
+        if hdr.gso_type != W.GSO_NONE and not self.negotiated & W.GUEST_OFFLOAD_BITS:
+            c.error(f"gso_type {hdr.gso_type} without a guest offload negotiated")
+            return
+        frame = data[size:]
+        if len(frame) < W.ETH_HLEN:
+            c.error("frame shorter than an Ethernet header")
+            return
+        c.rx_packets += 1
+        c.rx_bytes += len(frame)
+        out.append((hdr, frame))
+
+    # -- control queue -----------------------------------------------------------------------
+
+    def command(
+        self, cls: int, cmd: int, payload: bytes = b"", result: int = 0
+    ) -> tuple[int, bytes]:
+        """Send one control command; returns (ack, result bytes)."""
+        ctrl = self.ctrl_queue
+        if ctrl is None:
+            raise ValueError("no control queue (VIRTIO_NET_F_CTRL_VQ not negotiated)")
+        written, back = self.call(ctrl, [bytes([cls, cmd]) + payload], [1 + result])
+        if written < 1:
+            raise SpecViolation("the device did not write the ack byte")
+        return back[0], back[1:written]
+
+    def set_queue_pairs(self, pairs: int) -> None:
+        ack, _ = self.command(W.CTRL_MQ_CLASS, W.MQ_VQ_PAIRS_SET, pairs.to_bytes(2, self.byteorder))
+        if ack != W.OK:
+            raise ValueError(f"device refused {pairs} queue pairs")
+        self.pairs = pairs
+
+    def set_rx_mode(self, cmd: int, on: bool) -> int:
+        return self.command(W.CTRL_RX_CLASS, cmd, bytes([1 if on else 0]))[0]
+
+    def set_mac_table(self, unicast: Sequence[bytes], multicast: Sequence[bytes]) -> int:
+        order = self.byteorder
+        payload = len(unicast).to_bytes(4, order) + b"".join(unicast)
+        payload += len(multicast).to_bytes(4, order) + b"".join(multicast)
+        return self.command(W.CTRL_MAC_CLASS, W.MAC_TABLE_SET, payload)[0]
+
+    def set_mac(self, mac: bytes) -> int:
+        ack = self.command(W.CTRL_MAC_CLASS, W.MAC_ADDR_SET, mac)[0]
+        if ack == W.OK:
+            self.mac = mac
+        return ack
+
+    def vlan(self, vid: int, add: bool = True) -> int:
+        cmd = W.VLAN_ADD if add else W.VLAN_DEL
+        return self.command(W.CTRL_VLAN_CLASS, cmd, vid.to_bytes(2, self.byteorder))[0]
+
+    def announce_ack(self) -> int:
+        return self.command(W.CTRL_ANNOUNCE_CLASS, W.ANNOUNCE_ACK)[0]
+
+    def set_offloads(self, offloads: int) -> int:
+        return self.command(
+            W.CTRL_GUEST_OFFLOADS_CLASS, W.GUEST_OFFLOADS_SET, offloads.to_bytes(8, self.byteorder)
+        )[0]
