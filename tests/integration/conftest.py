@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -32,13 +32,15 @@ class ServeProcess:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     kind: str = "blk"
+    #: A command the server runs under (``ip netns exec NS``).
+    prefix: list[str] = field(default_factory=list)
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "virtio.cli", "serve", self.kind, "--socket", str(self.socket)]
         image = [] if self.image is None else [str(self.image)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [*cmd, *self.args, *image],
+                [*self.prefix, *cmd, *self.args, *image],
                 stdout=log,
                 stderr=log,
                 start_new_session=True,

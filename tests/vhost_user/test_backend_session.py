@@ -250,8 +250,15 @@ def test_memory_slots_add_and_remove(session: tuple[BackendSession, FakeHost]) -
     region = SINGLE_MEM_REGION.struct.pack(0, 4 * MEM, MEM, USER + 4 * MEM, 0)
     s.handle(Message(Request.ADD_MEM_REG, region, fds=[fd()]))
     assert len(s.regions) == 2
+    # The same region again (QEMU's multiqueue net: one vhost device per queue pair)
+    # is counted, not mapped twice; each REM_MEM_REG takes one count back.
+    s.handle(Message(Request.ADD_MEM_REG, region, fds=[fd()]))
+    assert len(s.regions) == 2
+    overlapping = SINGLE_MEM_REGION.struct.pack(0, 4 * MEM + MEM // 2, MEM, USER + 8 * MEM, 0)
     with pytest.raises(VhostUserError, match="overlaps"):
-        s.handle(Message(Request.ADD_MEM_REG, region, fds=[fd()]))
+        s.handle(Message(Request.ADD_MEM_REG, overlapping, fds=[fd()]))
+    s.handle(Message(Request.REM_MEM_REG, region))
+    assert len(s.regions) == 2
     s.handle(Message(Request.REM_MEM_REG, region))
     assert len(s.regions) == 1
     with pytest.raises(VhostUserError, match="no region"):

@@ -37,6 +37,10 @@ def main(argv: list[str]) -> int:
         from virtio.bench.transports import pci_guest_main
 
         return pci_guest_main(rest)
+    if kind == "net-peers":
+        from virtio.bench.netpeers import main as netpeers_main
+
+        return netpeers_main(rest)
     if kind == "latency":
         from virtio.bench.latency import main as latency_main
 

@@ -149,6 +149,8 @@ class Region:
     user_addr: int
     mmap_offset: int
     buffer: Buffer = field(repr=False)
+    #: How many times the front-end added this same region (see ADD_MEM_REG).
+    added: int = 1
 
 
 @dataclass
@@ -466,6 +468,18 @@ class BackendSession:
         expect_size(msg, SINGLE_MEM_REGION.size)
         fd = self._take_fd(msg)
         _pad, guest_addr, size, user_addr, offset = SINGLE_MEM_REGION.struct.unpack(msg.payload)
+        for region in self.regions:
+            if (region.guest_addr, region.size, region.user_addr, region.mmap_offset) == (
+                guest_addr,
+                size,
+                user_addr,
+                offset,
+            ):
+                # QEMU's multiqueue net has one vhost device per queue pair on the
+                # same socket, and each adds every region: count it, map it once.
+                self.host.close(fd)
+                region.added += 1
+                return
         if len(self.regions) >= MAX_MEM_SLOTS:
             self.host.close(fd)
             raise VhostUserError(f"ADD_MEM_REG: all {MAX_MEM_SLOTS} memory slots are used")
@@ -480,6 +494,9 @@ class BackendSession:
         _pad, guest_addr, size, user_addr, _offset = SINGLE_MEM_REGION.struct.unpack(msg.payload)
         for region in self.regions:
             if (region.guest_addr, region.size, region.user_addr) == (guest_addr, size, user_addr):
+                if region.added > 1:
+                    region.added -= 1
+                    return
                 for vring in self.vrings:
                     if vring.started and self._ring_in_region(vring, region):
                         raise VhostUserError("REM_MEM_REG: a running ring lives in that region")

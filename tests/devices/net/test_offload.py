@@ -1002,3 +1002,19 @@ def test_garbage_raises_only_offload_error(
         segs = None
     assert segs is None or len(segs) >= 1
     assert isinstance(offload.verify(data), bool)
+
+
+def test_pseudo_header_sum_is_what_needs_csum_stores() -> None:
+    for built, pseudo, at in (
+        (tcp4_frame(payload_bytes(99), partial=True), pseudo4(6, 20 + 99), 16),
+        (udp6_frame(payload_bytes(99), partial=True), pseudo6(17, 8 + 99), 6),
+    ):
+        info = offload.parse(built.frame)
+        assert info is not None
+        value = offload.pseudo_header_sum(built.frame, info, len(built.frame) - built.l4)
+        assert value == ref_sum(pseudo)
+        assert built.frame[built.l4 + at : built.l4 + at + 2] == value.to_bytes(2, "big")
+    arp = offload.parse(eth(0x0806, bytes(28)))
+    assert arp is not None
+    with pytest.raises(OffloadError):
+        offload.pseudo_header_sum(eth(0x0806, bytes(28)), arp, 8)

@@ -50,7 +50,7 @@ N_VLAN_DEV = f"devicenormative:{_CVQ} / VLAN Filtering"
 N_ANNOUNCE_DEV = f"devicenormative:{_CVQ} / Gratuitous Packet Sending"
 N_MQ_DEV = f"devicenormative:{_CVQ} / Automatic receive steering in multiqueue mode"
 N_MQ_DRV = f"drivernormative:{_CVQ} / Automatic receive steering in multiqueue mode"
-N_RSS_DRV = f"drivernormative:{_CVQ} / Receive-side scaling (RSS) "
+N_RSS_DRV = f"drivernormative:{_CVQ} / Receive-side scaling (RSS)"
 N_RSS_DEV = f"devicenormative:{_CVQ} / Receive-side scaling (RSS) / RSS processing"
 N_OFFLOADS_DRV = f"drivernormative:{_CVQ} / Offloads State Configuration / Setting Offloads State"
 N_COAL_DEV = f"devicenormative:{_CVQ} / Notifications Coalescing"
@@ -85,6 +85,9 @@ class NetCounters:
     tx_bytes: int = 0
     tx_dropped: int = 0
     tx_segmented: int = 0
+    #: Frames the guest sent with a GSO type, and frames delivered to it as GSO.
+    tx_gso: int = 0
+    rx_gso: int = 0
     rx_frames: int = 0
     rx_bytes: int = 0
     rx_dropped: int = 0
@@ -218,6 +221,7 @@ class NetDevice(VirtioDevice):
         self._hdr_size = 12
         self._plain_heads: dict[int, bytes] = {}
         self._backend_started = False
+        self._logged = (0, 0, 0, 0)
         super().__init__(num_queues=2 * queue_pairs + 1, queue_max_size=queue_max_size, ring=ring)
         self._backend_events = _BatchingEvents(self.events, self._flush)
 
@@ -303,13 +307,18 @@ class NetDevice(VirtioDevice):
 
     def on_reset(self) -> None:
         c = self.counters
-        if c.tx_frames or c.rx_frames or c.tx_dropped or c.rx_dropped:
+        seen = (c.tx_frames, c.rx_frames, c.tx_dropped, c.rx_dropped)
+        if any(seen) and seen != self._logged:
+            self._logged = seen
             log.info(
-                "%s: sent %d frames, received %d (%d waited for buffers, %d still waiting), "
-                "dropped %d sent and %d received %s",
+                "%s: sent %d frames (%d GSO, %d segmented here), received %d (%d GSO, "
+                "%d waited for buffers, %d still waiting), dropped %d sent and %d received %s",
                 W.mac_text(self.mac) if self.mac else "net",
                 c.tx_frames,
+                c.tx_gso,
+                c.tx_segmented,
                 c.rx_frames,
+                c.rx_gso,
                 c.rx_backlogged,
                 sum(len(rx.backlog) for rx in self._rx),
                 c.tx_dropped,
@@ -429,6 +438,8 @@ class NetDevice(VirtioDevice):
             c.tx_bytes += len(frame)
             backend.transmit(_PLAIN, frame)
             return
+        if hdr.gso_type:
+            c.tx_gso += 1
         accept = offload.host_to_guest_bits(backend.tx_offloads)
         try:
             frames = offload.adapt(hdr, frame, accept)
@@ -630,6 +641,8 @@ class NetDevice(VirtioDevice):
         c = self.counters
         c.rx_frames += 1
         c.rx_bytes += len(frame)
+        if hdr.gso_type:
+            c.rx_gso += 1
         return True
 
     def _plain_head(self, n: int) -> bytes:

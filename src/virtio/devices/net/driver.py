@@ -187,6 +187,9 @@ class NetDriver(VirtioDriver):
             n = tx_slots or self.queues[2 * pair + 1].ring.size
             base = alloc.alloc(tx_size * n, 64)
             self._tx_free.append(deque((base + i * tx_size, tx_size) for i in range(n)))
+        if not self.has(W.MAC) and self.has(W.CTRL_MAC_ADDR) and self.ctrl_queue is not None:
+            # The address this driver made up, so a filtering device lets its frames in.
+            self.set_mac(self.mac)
         want = self.want_pairs or 1
         if want > 1 and self.has(W.MQ) and self.ctrl_queue is not None:
             self.set_queue_pairs(min(want, pairs))

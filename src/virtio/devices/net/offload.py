@@ -9,9 +9,9 @@ Incoming Packets).
 
 Everything here works on plain ``bytes``/``bytearray`` frames (Ethernet II,
 optionally with one 802.1Q tag) and is standard library only. The hot paths
-avoid per-byte Python loops: a checksum is one ``int.from_bytes`` and one
-modulo (2**16 is 1 modulo 0xFFFF, so a big-endian integer is congruent to the
-sum of its 16-bit words).
+avoid per-byte Python loops: a checksum is ``int.from_bytes`` (in 4 KiB chunks
+for big buffers) and one modulo, as 2**16 is 1 modulo 0xFFFF and so a big-endian
+integer is congruent to the sum of its 16-bit words.
 
 Feature masks: :func:`adapt` takes the receiver's offloads as GUEST_* feature
 bits (a guest's negotiated features can be passed as they are); a host side
@@ -87,9 +87,10 @@ def _word_sum(data: Buffer) -> int:
 def checksum(data: Buffer, initial: int = 0) -> int:
     """The Internet checksum (RFC 1071) of ``data``: the complement of its ones' complement sum.
 
-    ``initial`` is added to the sum first (a pseudo-header sum, or any non-negative
-    integer congruent to one modulo 0xFFFF). The result is the 16-bit value to store
-    big-endian; data whose checksum field holds the right value sums to 0.
+    ``initial`` is added to the sum first: a pseudo-header sum, as any non-negative
+    integer (only its value modulo 0xFFFF matters). The result is the 16-bit value
+    to store big-endian; over data whose checksum field is right it is 0. Odd
+    lengths are padded with a zero byte; the host's byte order plays no part.
     """
     if initial < 0:
         raise ValueError("initial must not be negative")
@@ -392,7 +393,9 @@ _frag_ids: Iterator[int] = itertools.count(random.getrandbits(32))
 def segment(frame: Buffer, hdr: NetHdr, *, frag_id: int | None = None) -> list[bytearray]:
     """Software GSO: the wire packets ``frame`` stands for, each fully checksummed.
 
-    TCPV4/TCPV6 cut the TCP payload into ``gso_size`` pieces; UDP (UFO) fragments
+    TCPV4/TCPV6 cut the TCP payload into ``gso_size`` pieces (sequence numbers,
+    IPv4 length/ID/header checksum or IPv6 payload length per segment; FIN and PSH
+    stay on the last segment only, CWR on the first only); UDP (UFO) fragments
     the whole UDP datagram at the IP layer (``gso_size`` is the fragmentable bytes
     per fragment, rounded down to a multiple of 8; IPv6 gets a fragment header with
     ``frag_id`` or a fresh identification); UDP_L4 (USO) cuts the UDP payload into

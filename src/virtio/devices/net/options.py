@@ -40,6 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queues", type=int, default=1, help="receive/transmit queue pairs per device")
     p.add_argument("--speed", type=int, default=None, help="offer SPEED_DUPLEX: Mbit/s")
     p.add_argument("--standby", action="store_true", help="offer VIRTIO_NET_F_STANDBY")
+    p.add_argument(
+        "--tap-vnet-hdr",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pass offloads to the TAP with IFF_VNET_HDR (default on; off: the device "
+        "segments and checksums every frame itself)",
+    )
     p.add_argument("--pcap", metavar="FILE", help="record every frame the host side sees")
     p.add_argument(
         "--no-offloads",
@@ -99,7 +106,7 @@ def devices_for_sockets(
     if args.tap:
         from virtio.devices.net.tap import TapBackend
 
-        backends = [TapBackend(args.tap)]
+        backends = [TapBackend(args.tap, vnet_hdr=args.tap_vnet_hdr)]
     else:
         from virtio.devices.net.switch import LearningSwitch, SwitchPort
 
