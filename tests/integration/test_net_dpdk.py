@@ -121,12 +121,30 @@ def test_bench_net_against_testpmd_vhost(tmp_path: Path) -> None:
     assert stats.rx_packets == summary["tx_packets"]
 
 
+PACKED_BASE_BUG = (
+    "testpmd's virtio-user sends a packed ring's SET_VRING_BASE as avail index | wrap << 15 "
+    "with no used half (DPDK's own vhost library takes used = avail); the back-end takes "
+    "used index 0 with wrap counter 0, so its used descriptors never look used to testpmd "
+    "and it stops after one ring (256 packets)"
+)
+
+
 @pytest.mark.timeout(60)
-def test_testpmd_virtio_user_into_pyvirtio_sink(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "ring",
+    [
+        "split",
+        pytest.param(
+            "packed",
+            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=PACKED_BASE_BUG),
+        ),
+    ],
+)
+def test_testpmd_virtio_user_into_pyvirtio_sink(tmp_path: Path, ring: str) -> None:
     sock = tmp_path / "sink.sock"
     with NetServe([sock], tmp_path / "serve.log", core=DEVICE_CORE) as serve:
         pmd = tp.Testpmd(
-            f"net_virtio_user0,path={sock}",
+            f"net_virtio_user0,path={sock}" + (",packed_vq=1" if ring == "packed" else ""),
             "txonly",
             cores=str(DRIVER_CORE),
             args=["--txpkts=64"],

@@ -12,6 +12,7 @@ from virtio.core.events import EventSources
 from virtio.devices.net import NetDevice, NetDriver, offload
 from virtio.devices.net import wire as W
 from virtio.devices.net.backend import Deliver
+from virtio.errors import NegotiationError
 from virtio.spec.status import DeviceStatus as S
 from virtio.transport.loopback import Loopback
 
@@ -378,3 +379,78 @@ def test_frames_wait_for_buffers_in_a_backlog() -> None:
             if len(got) == len(frames):
                 break
         assert got == frames
+
+
+def hostile_used(device: NetDevice, raw: bytes, written: int | None = None) -> None:
+    """What a hostile device could write into one receive buffer, and claim."""
+    (chain,) = device.pop_available(0, 1)
+    chain.write(raw)
+    device.push_used(0, [(chain, len(raw) if written is None else written)])
+
+
+@pytest.mark.normative(N_RX_DRV)
+@pytest.mark.parametrize(
+    ("hdr", "reason"),
+    [
+        (W.NetHdr(num_buffers=0), "num_buffers of 0"),
+        (W.NetHdr(num_buffers=5000), "larger than the receive queue"),
+        (
+            W.NetHdr(
+                num_buffers=1,
+                flags=W.HDR_F_NEEDS_CSUM,
+                gso_type=W.GSO_TCPV4 | W.GSO_TUNNEL_BITS,
+                gso_size=100,
+            ),
+            "both UDP tunnel bits",
+        ),
+    ],
+)
+def test_driver_drops_malformed_frames_from_a_device(hdr: W.NetHdr, reason: str) -> None:
+    with net() as (device, driver, backend):
+        frame = ether(MAC_A, MAC_B, b"z" * 60)
+        hostile_used(device, W.encode_header(hdr, 12) + frame)
+        assert driver.receive(timeout=0.5) == []
+        assert driver.counters.errors == 1
+        assert any(reason in r for r in driver.counters.reasons)
+        # The driver goes on: a good frame after it arrives.
+        assert deliver(device, backend, frame)
+        assert [f for _, f in driver.receive(timeout=2)] == [frame]
+
+
+@pytest.mark.normative(N_RX_DRV)
+def test_driver_ignores_flag_bits_it_does_not_know() -> None:
+    with net() as (device, driver, _backend):
+        frame = ether(MAC_A, MAC_B, b"k" * 60)
+        hostile_used(device, W.encode_header(W.NetHdr(flags=0x40, num_buffers=1), 12) + frame)
+        got = driver.receive(timeout=2)
+        assert [f for _, f in got] == [frame] and driver.counters.errors == 0
+
+
+def test_driver_drops_a_used_length_shorter_than_the_header() -> None:
+    with net() as (device, driver, _backend):
+        hostile_used(device, bytes(12), written=5)
+        assert driver.receive(timeout=0.5) == []
+        assert driver.counters.errors == 1
+
+
+@pytest.mark.normative(N_FILTER_DRV)
+def test_driver_refuses_rx_commands_without_their_features() -> None:
+    with net(avoid_features=1 << W.CTRL_RX_EXTRA) as (_device, driver, _backend):
+        assert driver.set_rx_mode(W.RX_PROMISC, False) == W.OK
+        with pytest.raises(NegotiationError):
+            driver.set_rx_mode(W.RX_NOBCAST, True)
+    with net(avoid_features=1 << W.CTRL_RX | 1 << W.CTRL_RX_EXTRA) as (_d, driver, _b):
+        with pytest.raises(NegotiationError):
+            driver.set_rx_mode(W.RX_PROMISC, False)
+        with pytest.raises(NegotiationError):
+            driver.set_mac_table([], [])
+
+
+@pytest.mark.normative("drivernormative:" + CVQ + " / Setting MAC Address Filtering")
+def test_driver_formats_the_mac_table() -> None:
+    with net() as (device, driver, _backend):
+        mcast = b"\x01\x00\x5e\x00\x00\x07"
+        assert driver.set_mac_table([MAC_B], [mcast]) == W.OK
+        assert device.filter.unicast == {MAC_B} and device.filter.multicast == {mcast}
+        with pytest.raises(ValueError):
+            driver.set_mac_table([mcast], [])

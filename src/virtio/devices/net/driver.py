@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from virtio.core.driver import VirtioDriver
+from virtio.errors import NegotiationError
 from virtio.devices.net import wire as W
 from virtio.errors import SpecViolation
 from virtio.layout import ByteOrder
@@ -34,6 +35,9 @@ _NET = "Device Types / Network Device"
 N_RX_DRV = f"drivernormative:{_NET} / Device Operation / Processing of Incoming Packets"
 N_TX_DRV = f"drivernormative:{_NET} / Device Operation / Packet Transmission"
 N_CONFIG_DRV = f"drivernormative:{_NET} / Device configuration layout"
+_CVQ = f"{_NET} / Device Operation / Control Virtqueue"
+N_FILTER_DRV = f"drivernormative:{_CVQ} / Packet Receive Filtering"
+N_MAC_DRV = f"drivernormative:{_CVQ} / Setting MAC Address Filtering"
 
 #: The feature bits this driver knows and takes when offered.
 DRIVER_FEATURES = (
@@ -374,15 +378,31 @@ class NetDriver(VirtioDriver):
         self.pairs = pairs
 
     def set_rx_mode(self, cmd: int, on: bool) -> int:
+        """An RX class command; refused here unless its feature was negotiated."""
+        need = W.CTRL_RX if cmd in (W.RX_PROMISC, W.RX_ALLMULTI) else W.CTRL_RX_EXTRA
+        if not self.has(need):
+            # The driver MUST NOT issue the command without the feature.
+            raise NegotiationError(
+                f"RX command {cmd} needs feature bit {need}", N_FILTER_DRV
+            )
         return self.command(W.CTRL_RX_CLASS, cmd, bytes([1 if on else 0]))[0]
 
     def set_mac_table(self, unicast: Sequence[bytes], multicast: Sequence[bytes]) -> int:
+        """MAC_TABLE_SET: non-multicast addresses, then multicast ones (CTRL_RX only)."""
+        if not self.has(W.CTRL_RX):
+            raise NegotiationError("MAC table without VIRTIO_NET_F_CTRL_RX", N_MAC_DRV)
+        if any(len(m) != 6 or m[0] & 1 for m in unicast) or any(
+            len(m) != 6 or not m[0] & 1 for m in multicast
+        ):
+            raise ValueError("unicast entries must be unicast and multicast ones multicast")
         order = self.byteorder
         payload = len(unicast).to_bytes(4, order) + b"".join(unicast)
         payload += len(multicast).to_bytes(4, order) + b"".join(multicast)
         return self.command(W.CTRL_MAC_CLASS, W.MAC_TABLE_SET, payload)[0]
 
     def set_mac(self, mac: bytes) -> int:
+        if not self.has(W.CTRL_MAC_ADDR):
+            raise NegotiationError("MAC_ADDR_SET without VIRTIO_NET_F_CTRL_MAC_ADDR", N_MAC_DRV)
         ack = self.command(W.CTRL_MAC_CLASS, W.MAC_ADDR_SET, mac)[0]
         if ack == W.OK:
             self.mac = mac
