@@ -53,6 +53,7 @@ echo "SENT $(md5sum < /tmp/data | cut -d' ' -f1)"
 for i in $(seq 40); do nc -w 10 {peer} 5000 < /tmp/data && break; sleep 0.5; done
 echo "NC-RC $?"
 ls /sys/class/net/eth0/queues
+echo "MAC $(cat /sys/class/net/eth0/address)"
 """
 
 RECEIVER = """
@@ -104,21 +105,32 @@ def net_server(
 def guests(
     assets: GuestAssets,
     vm: str,
-    plans: list[tuple[str, VhostUserNic]],
+    plans: list[tuple[str, VhostUserNic | Path]],
     *,
     host_share: bool = False,
 ) -> list[GuestResult]:
-    """Boot the guests at once (each in a thread); results in the order given."""
+    """Boot the guests at once (each in a thread); results in the order given.
+
+    Each plan's NIC is a vhost-user one, or the socket of a PCI function that
+    `virtio qemu --pci` attaches.
+    """
     results: list[GuestResult | None] = [None] * len(plans)
 
-    def boot(i: int, script: str, nic: VhostUserNic) -> None:
+    def boot(i: int, script: str, nic: VhostUserNic | Path) -> None:
+        launcher: list[str] = []
+        nics: list[VhostUserNic] = []
+        if isinstance(nic, Path):
+            launcher = [sys.executable, "-m", "virtio.cli", "qemu", "--pci", str(nic), "--"]
+        else:
+            nics = [nic]
         results[i] = run_guest(
             script,
             vm=vm,  # type: ignore[arg-type]
-            nics=[nic],
+            nics=nics,
             timeout=TIMEOUT[vm],
             assets=assets,
             host_share=host_share,
+            launcher=launcher,
         )
 
     threads = [
@@ -178,6 +190,29 @@ def test_two_uml_guests_through_the_switch(guest_assets: GuestAssets, tmp_path: 
     assert sum(int(n) for n in tcp_bytes if n) >= DATA_KB * 1024
     macs = set(tshark("-r", str(pcap), "-T", "fields", "-e", "eth.src").split())
     assert {"52:54:00:12:34:56", "52:54:00:12:34:57"} <= macs
+
+
+N_CONFIG_DRV = f"drivernormative:{NET} / Device configuration layout"
+
+
+@pytest.mark.normative(N_TX_DEV, N_RX_DEV, N_CONFIG_DRV)
+def test_two_qemu_guests_on_pyvirtio_pci_functions(
+    guest_assets: GuestAssets, tmp_path: Path
+) -> None:
+    """Linux's virtio_pci + virtio_net on our own PCI transport, one switch between."""
+    with net_server(tmp_path, 2, "--switch", "--transport", "pci") as server:
+        a, b = server.sockets
+        sender, receiver = guests(
+            guest_assets,
+            "qemu",
+            [
+                (SENDER.format(addr="192.0.2.1", peer="192.0.2.2", kb=DATA_KB, setup=""), a),
+                (RECEIVER.format(addr="192.0.2.2", wait=100, setup=""), b),
+            ],
+        )
+    check_transfer(sender, receiver, server)
+    # With VIRTIO_NET_F_MAC the NIC's address is the device's (here: ours, in config).
+    assert "MAC 52:54:00:12:34:56" in sender.output, sender.output[-2000:]
 
 
 # The host's ethtool, run in the guest from the read-only share: two queue pairs
