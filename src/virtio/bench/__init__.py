@@ -12,7 +12,16 @@ def main(argv: list[str]) -> int:
     benches = {name: t for name, t in types.items() if t.bench is not None}
     if not argv or argv[0] in ("-h", "--help"):
         kinds = ",".join(
-            ["ring", *benches, "backends", "latency", "guest", "transports", "pci-guest"]
+            [
+                "ring",
+                *benches,
+                "backends",
+                "latency",
+                "guest",
+                "transports",
+                "pci-guest",
+                "net-guests",
+            ]
         )
         print(f"usage: virtio bench {{{kinds}}} [options]  (see `virtio bench ring --help`)")
         return 0 if argv else 2
@@ -41,6 +50,10 @@ def main(argv: list[str]) -> int:
         from virtio.bench.netpeers import main as netpeers_main
 
         return netpeers_main(rest)
+    if kind == "net-guests":
+        from virtio.bench.netguests import main as netguests_main
+
+        return netguests_main(rest)
     if kind == "latency":
         from virtio.bench.latency import main as latency_main
 
