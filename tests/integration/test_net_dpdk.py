@@ -23,8 +23,10 @@ from virtio.bench.net import DST, make_frame, run
 from virtio.bench.netpeers import (
     DEVICE_CORE,
     DRIVER_CORE,
+    DeviceCounts,
     NetServe,
     on_core,
+    parse_counts,
     peer_driver,
     pinned,
 )
@@ -121,24 +123,10 @@ def test_bench_net_against_testpmd_vhost(tmp_path: Path) -> None:
     assert stats.rx_packets == summary["tx_packets"]
 
 
-PACKED_BASE_BUG = (
-    "testpmd's virtio-user sends a packed ring's SET_VRING_BASE as avail index | wrap << 15 "
-    "with no used half (DPDK's own vhost library takes used = avail); the back-end takes "
-    "used index 0 with wrap counter 0, so its used descriptors never look used to testpmd "
-    "and it stops after one ring (256 packets)"
-)
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "ring",
-    [
-        "split",
-        pytest.param(
-            "packed",
-            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=PACKED_BASE_BUG),
-        ),
-    ],
+    ["split", "packed"],
 )
 def test_testpmd_virtio_user_into_pyvirtio_sink(tmp_path: Path, ring: str) -> None:
     sock = tmp_path / "sink.sock"
@@ -200,3 +188,19 @@ def test_switch_between_testpmd_and_driver(tmp_path: Path, mode: str) -> None:
     assert port_a.received == stats.rx_packets
     assert port_a.sent == stats.tx_packets
     assert port_a.tx_dropped == port_b.tx_dropped == 0
+
+
+def test_parse_counts_reads_the_reset_lines() -> None:
+    log = (
+        "2026-12-01 09:50:05,176 virtio.net INFO 52:54:00:12:34:56: sent 176392 frames "
+        "(0 GSO, 0 segmented here), received 0 (0 GSO, 0 waited for buffers, 0 still "
+        "waiting), dropped 0 sent and 0 received \n"
+        "2026-12-01 09:50:06,001 virtio.vhost_user.server INFO front-end disconnected\n"
+        "2026-12-01 09:50:22,642 virtio.net INFO 52:54:00:12:34:57: sent 54593 frames, "
+        "received 3336 (778 waited for buffers, 256 still waiting), dropped 2 sent and "
+        "35392 received {'rx: no receive buffers': 35392}\n"
+    )
+    assert parse_counts(log) == [
+        DeviceCounts(MAC_A, 176392, 0, 0, 0),
+        DeviceCounts(MAC_B, 54593, 3336, 2, 35392),
+    ]

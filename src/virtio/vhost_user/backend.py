@@ -686,6 +686,10 @@ class BackendSession:
             avail, used = vring.base & 0xFFFF, vring.base >> 16 & 0xFFFF
             if vring.base == 0:
                 avail = used = 1 << 15
+            elif used == 0 and avail >> 15:
+                # DPDK's virtio-user sends the available half only (0x8000 for a
+                # fresh ring): the used side starts where the available one does.
+                used = avail
             q.set_base(avail & 0x7FFF, avail >> 15, used & 0x7FFF, used >> 15)
             resubmit = self._attach_inflight(vring, q)
         vring.started = True
