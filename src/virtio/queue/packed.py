@@ -553,6 +553,9 @@ class PackedDriverQueue:
         use_indirect: bool | None = None,
     ) -> int:
         total = len(out) + len(in_)
+        if total == 1 and not use_indirect:
+            # The common case (a network frame, a receive buffer): one descriptor.
+            return self._add_one(*(out[0] if out else in_[0]), bool(in_), token)
         if total == 0:
             raise ValueError("a buffer needs at least one segment")
         if use_indirect is None:
@@ -610,6 +613,34 @@ class PackedDriverQueue:
         self._tokens[buf_id] = token
         self._slots[buf_id] = slots
         self._in_len[buf_id] = sum(n for _, n in in_)
+        self._live[buf_id] = True
+        self._outstanding.append(buf_id)
+        return buf_id
+
+    def _add_one(self, addr: int, length: int, write: bool, token: object) -> int:
+        if length >= 1 << 32:
+            raise ValueError("a descriptor chain must be shorter than 2^32 bytes")
+        if self.num_free < 1 or not self._free_ids:
+            raise BufferError("virtqueue full")
+        buf_id = self._free_ids.pop()
+        ring = self.ring
+        pos = self.next_avail
+        wrap = self.avail_wrap
+        ring.desc_struct.pack_into(ring.desc, pos << 4, addr, length, buf_id, 0)
+        # The flags go last: they make the descriptor available.
+        flags = (DESC_F_WRITE if write else 0) | (DESC_F_AVAIL if wrap else DESC_F_USED)
+        ring.desc16[(pos << 3) + 7] = flags
+        pos += 1
+        if pos == self.size:
+            pos = 0
+            wrap ^= 1
+        self.next_avail = pos
+        self.avail_wrap = wrap
+        self.num_free -= 1
+        self._avail_count += 1
+        self._tokens[buf_id] = token
+        self._slots[buf_id] = 1
+        self._in_len[buf_id] = length if write else 0
         self._live[buf_id] = True
         self._outstanding.append(buf_id)
         return buf_id

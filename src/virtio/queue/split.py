@@ -508,6 +508,9 @@ class SplitDriverQueue:
     ) -> int:
         """Make a buffer available: ``out`` device-readable, then ``in_`` writable."""
         total = len(out) + len(in_)
+        if total == 1 and not use_indirect:
+            # The common case (a network frame, a receive buffer): one descriptor.
+            return self._add_one(*(out[0] if out else in_[0]), bool(in_), token)
         if total == 0:
             raise ValueError("a buffer needs at least one segment")
         if use_indirect is None:
@@ -565,6 +568,29 @@ class SplitDriverQueue:
         idx = (idx + 1) & 0xFFFF
         self.avail_idx = idx
         # The ring entry and descriptors are written before idx publishes them.
+        ring.avail16[1] = idx
+        return head
+
+    def _add_one(self, addr: int, length: int, write: bool, token: object) -> int:
+        if length >= 1 << 32:
+            raise ValueError("a descriptor chain must be shorter than 2^32 bytes")
+        if self.num_free < 1:
+            raise BufferError("virtqueue full")
+        ring = self.ring
+        (head,) = self._take_descs(1)
+        ring.desc_struct.pack_into(
+            ring.desc, head << 4, addr, length, DESC_F_WRITE if write else 0, 0
+        )
+        self._tokens[head] = token
+        self._ndesc[head] = 1
+        self._in_len[head] = length if write else 0
+        self._descs[head] = [head]
+        self._outstanding.append(head)
+        idx = self.avail_idx
+        ring.avail16[2 + (idx & ring.mask)] = head
+        idx = (idx + 1) & 0xFFFF
+        self.avail_idx = idx
+        # The ring entry and descriptor are written before idx publishes them.
         ring.avail16[1] = idx
         return head
 

@@ -132,6 +132,18 @@ class LearningSwitch:
 
     # -- switching -------------------------------------------------------------------------
 
+    def has_peers(self, port: int) -> bool:
+        """Whether a frame from ``port`` could go anywhere (other ports are plugged in)."""
+        return bool(self._flood.get(port))
+
+    def sink(self, src_port: int) -> None:
+        """Count a frame from a port alone on the switch: received and dropped."""
+        with self._lock:
+            stats = self._ports.get(src_port)
+            if stats is not None:
+                stats.rx += 1
+            self.dropped += 1
+
     def forward(self, src_port: int, frame: bytes, now: float = 0.0) -> list[int]:
         """The ports ``frame`` from ``src_port`` goes to (empty: dropped)."""
         with self._lock:
@@ -263,6 +275,10 @@ class SwitchPort:
         hook = switch.tap_frames
         if hook is not None:
             hook(frame, hdr)
+        if not switch.has_peers(self.number):
+            # A one-port switch (a sink): nothing to learn or look up.
+            switch.sink(self.number)
+            return
         now = time.monotonic() if switch.ageing is not None else 0.0
         endpoints = switch.endpoints
         # Every receiver of a flooded frame gets the same header object: a device
