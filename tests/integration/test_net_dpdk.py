@@ -104,13 +104,6 @@ def test_driver_through_testpmd_vhost_macswap(tmp_path: Path, packed: bool) -> N
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the vhost-user front-end passes DPDK's VIRTIO_NET_F_MTU through with no config "
-    "space behind it (no VHOST_USER_PROTOCOL_F_CONFIG): the driver reads mtu 0 and refuses "
-    "to send a 64-byte frame",
-)
 def test_bench_net_against_testpmd_vhost(tmp_path: Path) -> None:
     sock = tmp_path / "vhost.sock"
     pmd = tp.Testpmd(

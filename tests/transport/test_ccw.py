@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from virtio.core.device import RingOptions, VirtioDevice
 from virtio.devices.blk import BlkDevice, BlkDriver, BlkOptions
+from virtio.devices.net import NetDriver
 from virtio.devices.registry import DeviceSettings, device_type, device_types
 from virtio.devices.rng import RngDevice, RngDriver
 from virtio.errors import GuestMemoryError, NegotiationError
@@ -202,6 +203,11 @@ def test_every_device_type_with_its_driver_over_ccw(
             assert driver.read(2, 512).startswith(b"over ccw")
         elif isinstance(driver, RngDriver):
             assert len(driver.read(64)) == 64
+        elif isinstance(driver, NetDriver):
+            driver.start()
+            assert driver.send(b"\xff" * 6 + b"\x02" * 6 + b"\x88\xb5" + bytes(50))
+            # A control command and its answer (a used buffer notification).
+            assert driver.command(0, 0, b"\x00")[0] == 0
         assert not device.needs_reset_reason, device.needs_reset_reason
         channel = transport.channel
         assert isinstance(channel, LocalChannel)

@@ -10,6 +10,7 @@ import pytest
 from virtio.core.device import RingOptions, SharedMemoryRegion
 from virtio.core.registers import ISR_CONFIG, ISR_QUEUE, NO_VECTOR
 from virtio.devices.blk import BlkDevice, BlkDriver
+from virtio.devices.net import NetDriver
 from virtio.devices.registry import DeviceSettings, device_type, device_types
 from virtio.devices.rng import RngDevice, RngDriver
 from virtio.memory import Allocator, GuestMemory
@@ -94,6 +95,11 @@ def test_every_device_type_with_its_driver_over_pci(tmp_path: Path, name: str, s
             assert driver.read(5, 4096).startswith(b"over pci")
         elif isinstance(driver, RngDriver):
             assert len(driver.read(64)) == 64
+        elif isinstance(driver, NetDriver):
+            driver.start()
+            assert driver.send(b"\xff" * 6 + b"\x02" * 6 + b"\x88\xb5" + bytes(50))
+            # A control command and its answer (a used buffer notification).
+            assert driver.command(0, 0, b"\x00")[0] == 0
         bus = transport.bus
         assert isinstance(bus, LocalPciBus)
         # Interrupts came the configured way: MSI-X messages, or INTx.

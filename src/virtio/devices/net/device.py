@@ -12,6 +12,10 @@ backlog, drained when the driver adds buffers.
 Used buffers of the frames delivered from one back-end wake-up are pushed as
 one batch with one notification decision: the back-end's event callbacks run
 through :class:`_BatchingEvents`, which flushes once each callback returns.
+
+The control queue also serves device statistics (``stats.py``: per-queue
+counters kept with plain increments), RSS contexts (kept and checked; see
+:meth:`NetDevice.context_queue`) and the inner header hash (``tunnel.py``).
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from virtio.core.device import RingOptions, VirtioDevice
+from virtio.core.device import DeviceHooks, RingOptions, VirtioDevice
 from virtio.core.events import Callback, EventSources, Timer
-from virtio.devices.net import offload, rss
+from virtio.devices.net import offload, rss, stats, tunnel
 from virtio.devices.net import wire as W
 from virtio.devices.net.backend import NetBackend, NullBackend
 from virtio.errors import SpecViolation
@@ -55,6 +59,12 @@ N_RSS_DEV = f"devicenormative:{_CVQ} / Receive-side scaling (RSS) / RSS processi
 N_OFFLOADS_DRV = f"drivernormative:{_CVQ} / Offloads State Configuration / Setting Offloads State"
 N_COAL_DEV = f"devicenormative:{_CVQ} / Notifications Coalescing"
 N_COAL_DRV = f"drivernormative:{_CVQ} / Notifications Coalescing"
+N_STATS_DEV = f"devicenormative:{_CVQ} / Device Statistics"
+N_STATS_DRV = f"drivernormative:{_CVQ} / Device Statistics"
+N_RSS_CTX_DEV = f"devicenormative:{_CVQ} / RSS Context"
+N_RSS_CTX_DRV = f"drivernormative:{_CVQ} / RSS Context"
+N_TUNNEL_DEV = f"devicenormative:{_CVQ} / Inner Header Hash"
+N_TUNNEL_DRV = f"drivernormative:{_CVQ} / Inner Header Hash"
 N_FRAMING_DRV = "drivernormative:Basic Facilities of a Virtio Device / Message Framing"
 
 #: Frames kept per receive queue while the guest has no buffer for them.
@@ -65,6 +75,10 @@ FLOW_TABLE = 4096
 SUPPORTED_HASH_TYPES = W.HASH_TYPES_ALL
 RSS_MAX_KEY = 40
 RSS_MAX_TABLE = 128
+#: RSS contexts besides the default configuration (``max_rss_contexts``), by default.
+RSS_MAX_CONTEXTS = 8
+#: Encapsulation types this device hashes the inner headers of (every type the spec defines).
+SUPPORTED_TUNNEL_TYPES = W.HASH_TUNNEL_TYPES_ALL
 
 # The control command bits of the offload bitmask (GUEST_OFFLOADS_SET) this device
 # knows; 46 and 47 are the UDP tunnel offloads, which it does not offer.
@@ -75,6 +89,8 @@ _LE32 = struct.Struct("<I")
 _LE64 = struct.Struct("<Q")
 _COAL = struct.Struct("<II")
 _COAL_VQ = struct.Struct("<HHII")
+# virtnet_rss_ctx_add_modify: le16 rss_ctx_id, u8 reserved[6], then virtio_net_rss_config.
+_RSS_CTX_HEAD = 8
 
 
 @dataclass
@@ -157,12 +173,28 @@ class _BatchingEvents(EventSources):
         self.inner.cancel(timer)
 
 
-class _RxQueue:
-    """A receive queue's state beyond the ring: spare chains, backlog, batch."""
+class _CountingHooks(DeviceHooks):
+    """The transport's hooks, counting used buffer notifications per queue for the statistics."""
 
-    __slots__ = ("backlog", "done", "spare")
+    def __init__(self, inner: DeviceHooks, device: NetDevice) -> None:
+        self.inner = inner
+        self.device = device
+
+    def notify_used(self, queue_index: int) -> None:
+        self.device._note_interrupt(queue_index)
+        self.inner.notify_used(queue_index)
+
+    def notify_config(self) -> None:
+        self.inner.notify_config()
+
+
+class _RxQueue:
+    """A receive queue's state beyond the ring: spare chains, backlog, batch, counters."""
+
+    __slots__ = ("backlog", "done", "spare", "stats")
 
     def __init__(self) -> None:
+        self.stats = stats.RxStats()
         #: Chains popped for a frame that did not fit; used first for the next one.
         self.spare: deque[Chain] = deque()
         self.backlog: deque[tuple[W.NetHdr, bytes]] = deque()
@@ -189,6 +221,7 @@ class NetDevice(VirtioDevice):
         offer_mask: int | None = None,
         queue_max_size: int = 256,
         ring: RingOptions | None = None,
+        rss_contexts: int = RSS_MAX_CONTEXTS,
     ) -> None:
         if not 1 <= queue_pairs <= W.MQ_VQ_PAIRS_MAX:
             # max_virtqueue_pairs between 1 and 0x8000.
@@ -197,6 +230,8 @@ class NetDevice(VirtioDevice):
             raise ValueError(f"mtu must be 68..65535 ({N_CONFIG_DEV})")
         if mac is not None and len(mac) != 6:
             raise ValueError("a MAC address has 6 bytes")
+        if not 0 <= rss_contexts <= 0xFFFF:
+            raise ValueError("max_rss_contexts is a 16-bit count")
         self.backend: NetBackend = backend or NullBackend()
         self.mac = mac
         self.mtu = mtu
@@ -215,7 +250,17 @@ class NetDevice(VirtioDevice):
         self.coalescing: dict[int, tuple[int, int]] = {}
         self.tx_coalescing = (0, 0)
         self.rx_coalescing = (0, 0)
+        #: ``max_rss_contexts``; 0 does not offer VIRTIO_NET_F_RSS_CONTEXT.
+        self.max_rss_contexts = rss_contexts
+        #: RSS contexts by ``rss_ctx_id`` (VIRTNET_RSS_CTX_CTRL_ADD/_MOD/_DEL).
+        self.rss_contexts: dict[int, rss.RssConfig] = {}
+        #: ``enabled_tunnel_types`` (VIRTIO_NET_CTRL_HASH_TUNNEL_SET); 0: outer headers only.
+        self.tunnel_types = 0
         self._rx = [_RxQueue() for _ in range(queue_pairs)]
+        self._tx_stats = [stats.TxStats() for _ in range(queue_pairs)]
+        self._cvq_stats = stats.CvqStats()
+        # Queue indexes below this are data queues (receive even, transmit odd).
+        self._data_queues = 2 * queue_pairs
         self._dirty: set[int] = set()
         self._flows: dict[bytes, int] = {}
         self._hdr_size = 12
@@ -224,6 +269,15 @@ class NetDevice(VirtioDevice):
         self._logged = (0, 0, 0, 0)
         super().__init__(num_queues=2 * queue_pairs + 1, queue_max_size=queue_max_size, ring=ring)
         self._backend_events = _BatchingEvents(self.events, self._flush)
+
+    # The transport installs its hooks here; wrapped, its interrupts are counted per queue.
+    @property
+    def hooks(self) -> DeviceHooks:
+        return self._hooks
+
+    @hooks.setter
+    def hooks(self, value: DeviceHooks) -> None:
+        self._hooks = value if isinstance(value, _CountingHooks) else _CountingHooks(value, self)
 
     # -- what the device offers ----------------------------------------------------
 
@@ -244,6 +298,8 @@ class NetDevice(VirtioDevice):
             | 1 << W.VQ_NOTF_COAL
             | 1 << W.HASH_REPORT
             | 1 << W.GUEST_HDRLEN
+            | 1 << W.DEVICE_STATS
+            | 1 << W.HASH_TUNNEL
         )
         if self.mac is not None:
             bits |= 1 << W.MAC
@@ -251,12 +307,22 @@ class NetDevice(VirtioDevice):
             bits |= 1 << W.MTU
         if self.queue_pairs > 1:
             bits |= 1 << W.MQ | 1 << W.RSS
+            if self.max_rss_contexts:
+                # max_rss_contexts is at least 1 whenever the feature is offered.
+                bits |= 1 << W.RSS_CONTEXT
         if self.speed is not None:
             bits |= 1 << W.SPEED_DUPLEX
         if self.standby:
             bits |= 1 << W.STANDBY
         if self.offer_mask is not None:
             bits &= self.offer_mask
+        # Commands without the control queue (or the hash they refine) cannot be offered.
+        if not bits >> W.CTRL_VQ & 1:
+            bits &= ~(1 << W.DEVICE_STATS | 1 << W.HASH_TUNNEL | 1 << W.RSS_CONTEXT)
+        if not bits & (1 << W.RSS | 1 << W.HASH_REPORT):
+            bits &= ~(1 << W.HASH_TUNNEL)
+        if not bits >> W.RSS & 1:
+            bits &= ~(1 << W.RSS_CONTEXT)
         return bits
 
     def config_size(self) -> int:
@@ -276,6 +342,9 @@ class NetDevice(VirtioDevice):
         c[W.CFG_RSS_MAX_KEY] = RSS_MAX_KEY
         c[W.CFG_RSS_MAX_TABLE : W.CFG_RSS_MAX_TABLE + 2] = RSS_MAX_TABLE.to_bytes(2, "little")
         c[W.CFG_HASH_TYPES : W.CFG_HASH_TYPES + 4] = SUPPORTED_HASH_TYPES.to_bytes(4, "little")
+        c[W.CFG_TUNNEL_TYPES : W.CFG_TUNNEL_TYPES + 4] = SUPPORTED_TUNNEL_TYPES.to_bytes(
+            4, "little"
+        )
 
     def queues_for_features(self, features: int) -> int:
         pairs = self.queue_pairs if features >> W.MQ & 1 or features >> W.RSS & 1 else 1
@@ -296,6 +365,7 @@ class NetDevice(VirtioDevice):
 
     def on_features_ok(self) -> None:
         self._hdr_size = W.header_size(self.negotiated, legacy=self.legacy)
+        self._data_queues = 2 * self.active_pairs_possible()
         self._plain_heads.clear()
         self.guest_offloads = self.negotiated & W.GUEST_OFFLOAD_BITS
         self.backend.set_rx_offloads(self.guest_offloads)
@@ -335,10 +405,18 @@ class NetDevice(VirtioDevice):
         self.guest_offloads = 0
         self.coalescing.clear()
         self.tx_coalescing = self.rx_coalescing = (0, 0)
+        # Every RSS context goes, and inner header hash is off for every type.
+        self.rss_contexts.clear()
+        self.tunnel_types = 0
+        # A reset device is a new one to the next driver: its statistics start at 0.
+        self._tx_stats = [stats.TxStats() for _ in range(self.queue_pairs)]
+        self._cvq_stats = stats.CvqStats()
+        self._data_queues = 2 * self.queue_pairs
         for rx in self._rx:
             rx.spare.clear()
             rx.backlog.clear()
             rx.done.clear()
+            rx.stats = stats.RxStats()
         self._dirty.clear()
         self._flows.clear()
 
@@ -388,6 +466,21 @@ class NetDevice(VirtioDevice):
 
     # -- queues -------------------------------------------------------------------------
 
+    def notify(self, index: int, *, rearm: bool = True) -> int:
+        # Driver notifications per data queue, for the basic statistics.
+        if 0 <= index < self._data_queues:
+            (
+                self._tx_stats[index >> 1] if index & 1 else self._rx[index >> 1].stats
+            ).notifications += 1
+        return super().notify(index, rearm=rearm)
+
+    def _note_interrupt(self, index: int) -> None:
+        """A used buffer notification went out for queue ``index`` (see :class:`_CountingHooks`)."""
+        if 0 <= index < self._data_queues:
+            (
+                self._tx_stats[index >> 1] if index & 1 else self._rx[index >> 1].stats
+            ).interrupts += 1
+
     def process_queue(self, index: int, *, rearm: bool = True) -> int:
         if index < 2 * self.queue_pairs and index % 2 == 0 and index < self.queue_count:
             # A receive queue: buffers are taken when frames arrive, not now.
@@ -417,9 +510,12 @@ class NetDevice(VirtioDevice):
             self.fail("transmit buffer has device-writable parts", N_FRAMING_DRV)
             return
         data = chain.read()
+        qs = self._tx_stats[queue_index >> 1]
         if len(data) < size:
             c.tx_dropped += 1
             c.drop("tx: buffer shorter than the header")
+            qs.drops += 1
+            qs.drop_malformed += 1
             return
         hdr = W.decode_header(data, size, self.byteorder)
         frame = data[size:]
@@ -428,6 +524,8 @@ class NetDevice(VirtioDevice):
             # The device MUST NOT accept such a packet: it is dropped, the buffer used.
             c.tx_dropped += 1
             c.drop(f"tx: {reason}")
+            qs.drops += 1
+            qs.drop_malformed += 1
             log.debug("dropping a transmitted frame: %s", reason)
             return
         if self.queue_pairs > 1:
@@ -436,6 +534,9 @@ class NetDevice(VirtioDevice):
         if hdr.gso_type == W.GSO_NONE and not hdr.flags & W.HDR_F_NEEDS_CSUM:
             c.tx_frames += 1
             c.tx_bytes += len(frame)
+            qs.packets += 1
+            qs.bytes += len(frame)
+            qs.csum_none += 1
             backend.transmit(_PLAIN, frame)
             return
         if hdr.gso_type:
@@ -446,12 +547,29 @@ class NetDevice(VirtioDevice):
         except offload.OffloadError as err:
             c.tx_dropped += 1
             c.drop(f"tx: {err}")
+            qs.drops += 1
             return
         if len(frames) > 1:
             c.tx_segmented += 1
+        if hdr.flags & W.HDR_F_NEEDS_CSUM:
+            qs.needs_csum += 1
+        else:
+            qs.csum_none += 1
+        if hdr.gso_type:
+            qs.gso_packets += 1
+            qs.gso_bytes += len(frame)
+            if frames[0][0].gso_type:
+                # The back-end takes the GSO frame whole.
+                qs.gso_packets_noseg += 1
+                qs.gso_bytes_noseg += len(frame)
+            else:
+                qs.gso_segments += len(frames)
+                qs.gso_segments_bytes += sum(len(out) for _, out in frames)
         for out_hdr, out in frames:
             c.tx_frames += 1
             c.tx_bytes += len(out)
+            qs.packets += 1
+            qs.bytes += len(out)
             backend.transmit(out_hdr, out)
 
     def _mtu(self) -> int | None:
@@ -482,16 +600,18 @@ class NetDevice(VirtioDevice):
         if not self._accepts(frame):
             c.rx_filtered += 1
             return False
+        pair = self._steer(frame)
+        if pair is None:
+            c.rx_dropped += 1
+            c.drop("rx: no receive queue")
+            return False
+        rx = self._rx[pair]
         mtu = self._mtu()
         if mtu is not None and hdr.gso_type == W.GSO_NONE and len(frame) > mtu + W.ETH_HLEN:
             # No received packet larger than mtu + Ethernet header with gso NONE.
             c.rx_dropped += 1
             c.drop("rx: frame larger than the MTU")
-            return False
-        pair = self._steer(frame)
-        if pair is None:
-            c.rx_dropped += 1
-            c.drop("rx: no receive queue")
+            rx.stats.drops += 1
             return False
         if hdr.gso_type or hdr.flags:
             try:
@@ -499,17 +619,19 @@ class NetDevice(VirtioDevice):
             except offload.OffloadError as err:
                 c.rx_dropped += 1
                 c.drop(f"rx: {err}")
+                rx.stats.drops += 1
                 return False
         else:
             frames = [(hdr, frame)]
         index = 2 * pair
-        rx = self._rx[pair]
         delivered = True
         for out_hdr, out in frames:
             if rx.backlog or not self._fill(index, rx, out_hdr, out):
                 if len(rx.backlog) >= BACKLOG:
                     c.rx_dropped += 1
                     c.drop("rx: no receive buffers")
+                    rx.stats.drops += 1
+                    rx.stats.drop_overruns += 1
                     delivered = False
                     continue
                 rx.backlog.append((out_hdr, out))
@@ -559,7 +681,7 @@ class NetDevice(VirtioDevice):
         ring = self.queues[index].ring
         if ring is not None:
             try:
-                if not ring.enable_notifications():
+                if ring.enable_notifications():
                     # Buffers arrived meanwhile: a kick may never come, so look now.
                     self.events.call_later(0.0, lambda now: self._rx_kicked_flush(index))
             except SpecViolation as err:
@@ -600,6 +722,7 @@ class NetDevice(VirtioDevice):
                 # A single buffer is all a frame may use without MRG_RXBUF.
                 self.counters.rx_dropped += 1
                 self.counters.drop("rx: receive buffer too small")
+                rx.stats.drops += 1
                 rx.done.append((first, 0))
                 self._dirty.add(index)
                 return True
@@ -641,8 +764,21 @@ class NetDevice(VirtioDevice):
         c = self.counters
         c.rx_frames += 1
         c.rx_bytes += len(frame)
+        qs = rx.stats
+        qs.packets += 1
+        qs.bytes += len(frame)
+        flags = hdr.flags
+        # The device does not verify received checksums itself, so none is counted bad.
+        if flags & W.HDR_F_DATA_VALID:
+            qs.csum_valid += 1
+        elif flags & W.HDR_F_NEEDS_CSUM:
+            qs.needs_csum += 1
+        else:
+            qs.csum_none += 1
         if hdr.gso_type:
             c.rx_gso += 1
+            qs.gso_packets += 1
+            qs.gso_bytes += len(frame)
         return True
 
     def _plain_head(self, n: int) -> bytes:
@@ -657,13 +793,18 @@ class NetDevice(VirtioDevice):
         hdr.hash_report = W.HASH_REPORT_NONE
         if config is None or not config.hash_types:
             return
-        found = rss.hash_packet(frame, config.key, config.hash_types)
+        if self.tunnel_types:
+            found = tunnel.hash_frame(frame, config.key, config.hash_types, self.tunnel_types)
+        else:
+            found = rss.hash_packet(frame, config.key, config.hash_types)
         if found is not None:
             hdr.hash_value, hdr.hash_report = found
 
     def _steer(self, frame: bytes) -> int | None:
         """The receive pair for a frame: RSS, the flow's transmit pair, or pair 0."""
         if self.rss is not None:
+            if self.tunnel_types:
+                return tunnel.select_queue(self.rss, frame, self.tunnel_types)
             return rss.select_queue(self.rss, frame)
         if self.active_pairs == 1:
             return 0
@@ -711,20 +852,27 @@ class NetDevice(VirtioDevice):
                 N_FRAMING_DRV,
             )
             return 0
+        cvq = self._cvq_stats
+        cvq.commands += 1
         if chain.read_len > W.MAX_CTRL_PAYLOAD + 2:
             c.ctrl_err += 1
             chain.write(bytes([W.ERR]))
             return 1
         data = chain.read()
         cls, cmd, payload = data[0], data[1], data[2:]
+        room = chain.write_len - 1
         try:
-            result = self._command(cls, cmd, payload, chain.write_len - 1)
+            result = self._command(cls, cmd, payload, room)
+            if len(result) > room:
+                # Each command checks its room; this only keeps a slip from raising.
+                raise ValueError(f"a {len(result)}-byte result for {room} bytes of room")
         except ValueError as err:
             log.info("control command %d/%d refused: %s", cls, cmd, err)
             c.ctrl_err += 1
             chain.write(bytes([W.ERR]))
             return 1
         c.ctrl_ok += 1
+        cvq.ok += 1
         chain.write(bytes([W.OK]) + result)
         return 1 + len(result)
 
@@ -776,6 +924,12 @@ class NetDevice(VirtioDevice):
             return b""
         if cls == W.CTRL_NOTF_COAL_CLASS:
             return self._coalescing(cmd, payload, room)
+        if cls == W.CTRL_STATS_CLASS:
+            return self._stats_command(cmd, payload, room)
+        if cls == W.CTRL_HASH_TUNNEL_CLASS:
+            return self._hash_tunnel(cmd, payload)
+        if cls == W.CTRL_RSS_CTX_CLASS:
+            return self._rss_context(cmd, payload, room)
         raise ValueError(f"unknown control class {cls}")
 
     def _rx_mode(self, cmd: int, payload: bytes) -> bytes:
@@ -837,6 +991,11 @@ class NetDevice(VirtioDevice):
             pairs = self._u16(payload)
             if not 1 <= pairs <= self.queue_pairs:
                 raise ValueError(f"{pairs} queue pairs requested, 1..{self.queue_pairs} exist")
+            if self.rss_contexts:
+                raise ValueError(
+                    f"VQ_PAIRS_SET while {len(self.rss_contexts)} RSS contexts are configured "
+                    f"({N_RSS_CTX_DRV})"
+                )
             self.active_pairs = pairs
             self.rss = None  # automatic steering again
             return b""
@@ -902,6 +1061,145 @@ class NetDevice(VirtioDevice):
             self.coalescing[vq] = (usecs, packets)
             return b""
         raise ValueError(f"unknown coalescing command {cmd}")
+
+    # -- device statistics -------------------------------------------------------------
+
+    def stats_types(self) -> int:
+        """``supported_stats_types``: what this device counts that the negotiated features allow.
+
+        The csum and gso types need their offload features; answering only what
+        a STATS_GET may ask for spares a driver that trusts the answer an ERR.
+        """
+        return stats.obtainable(stats.DEVICE_TYPES, self.negotiated)
+
+    def _stats_command(self, cmd: int, payload: bytes, room: int) -> bytes:
+        if not self.has(W.DEVICE_STATS):
+            raise ValueError(f"statistics without VIRTIO_NET_F_DEVICE_STATS ({N_STATS_DRV})")
+        if cmd == W.STATS_QUERY:
+            if payload:
+                raise ValueError(f"STATS_QUERY with {len(payload)} bytes of data")
+            if room < stats.CAPABILITIES.size:
+                raise ValueError("no room for virtio_net_stats_capabilities")
+            return stats.CAPABILITIES.pack(self.stats_types())
+        if cmd != W.STATS_GET:
+            raise ValueError(f"unknown statistics command {cmd}")
+        entries = stats.decode_request(payload)
+        supported = self.stats_types()
+        ctrl = self.ctrl_index
+        # Every entry is checked before any reply: one error fails the whole command.
+        for vq, types in entries:
+            if vq >= self.queue_count:
+                raise ValueError(f"vq_index {vq} is not a queue (0..{self.queue_count - 1})")
+            if types & ~stats.KNOWN_TYPES:
+                raise ValueError(f"unknown statistics types {types & ~stats.KNOWN_TYPES:#x}")
+            if vq == ctrl:
+                kind = W.STATS_TYPES_CVQ
+            else:
+                kind = W.STATS_TYPES_TX if vq & 1 else W.STATS_TYPES_RX
+            if types & ~kind:
+                raise ValueError(f"statistics types {types & ~kind:#x} are not for queue {vq}")
+            if types & ~supported:
+                raise ValueError(
+                    f"statistics types {types & ~supported:#x} are not supported with the "
+                    "negotiated features"
+                )
+        out = bytearray()
+        for vq, types in entries:
+            for reply_type in stats.type_bits(types):
+                reply = self._stats_reply(reply_type, vq)
+                if len(out) + len(reply) > room:
+                    # The driver's buffer is full: only whole replies, up to the valid bytes.
+                    return bytes(out)
+                out += reply
+        return bytes(out)
+
+    def _stats_reply(self, reply_type: int, vq: int) -> bytes:
+        if reply_type == W.STATS_REPLY_CVQ:
+            cvq = self._cvq_stats
+            # ok_num counts this command, which is answered OK.
+            values: tuple[int, ...] = (cvq.commands, cvq.ok + 1)
+        elif vq & 1:
+            values = self._tx_stats[vq >> 1].values(reply_type)
+        else:
+            values = self._rx[vq >> 1].stats.values(reply_type)
+        return stats.encode_reply(reply_type, vq, values)
+
+    def queue_stats(self, vq: int) -> stats.RxStats | stats.TxStats:
+        """The counters of a data queue (for tests and logs)."""
+        return self._tx_stats[vq >> 1] if vq & 1 else self._rx[vq >> 1].stats
+
+    # -- inner header hash and RSS contexts ---------------------------------------------
+
+    def _hash_tunnel(self, cmd: int, payload: bytes) -> bytes:
+        if not self.has(W.HASH_TUNNEL):
+            raise ValueError(f"HASH_TUNNEL_SET without VIRTIO_NET_F_HASH_TUNNEL ({N_TUNNEL_DRV})")
+        if cmd != W.HASH_TUNNEL_SET:
+            raise ValueError(f"unknown hash tunnel command {cmd}")
+        if len(payload) != 4:
+            raise ValueError(f"virtnet_hash_tunnel of {len(payload)} bytes, not 4")
+        types = int.from_bytes(payload, "little")
+        if types & ~SUPPORTED_TUNNEL_TYPES:
+            raise ValueError(
+                f"encapsulation types {types & ~SUPPORTED_TUNNEL_TYPES:#x} are not in "
+                f"supported_tunnel_types ({N_TUNNEL_DEV})"
+            )
+        self.tunnel_types = types
+        return b""
+
+    def _rss_context(self, cmd: int, payload: bytes, room: int) -> bytes:
+        if not self.has(W.RSS_CONTEXT):
+            raise ValueError(
+                f"RSS context command without VIRTIO_NET_F_RSS_CONTEXT ({N_RSS_CTX_DRV})"
+            )
+        if cmd == W.RSS_CTX_CAP_GET:
+            if payload:
+                raise ValueError(f"RSS context CAP_GET with {len(payload)} bytes of data")
+            if room < 2:
+                raise ValueError("no room for virtnet_rss_ctx_cap")
+            return self.max_rss_contexts.to_bytes(2, "little")
+        if cmd not in (W.RSS_CTX_ADD, W.RSS_CTX_MOD, W.RSS_CTX_DEL):
+            raise ValueError(f"unknown RSS context command {cmd}")
+        if len(payload) < 2:
+            raise ValueError(f"RSS context command with {len(payload)} bytes")
+        ctx = int.from_bytes(payload[:2], "little")
+        if not 1 <= ctx <= self.max_rss_contexts:
+            raise ValueError(
+                f"rss_ctx_id {ctx} is outside 1..{self.max_rss_contexts} ({N_RSS_CTX_DRV})"
+            )
+        exists = ctx in self.rss_contexts
+        if cmd == W.RSS_CTX_DEL:
+            if len(payload) != 2:
+                raise ValueError(f"virtnet_rss_ctx_del of {len(payload)} bytes, not 2")
+            if not exists:
+                raise ValueError(f"RSS context {ctx} does not exist")
+            del self.rss_contexts[ctx]
+            return b""
+        if cmd == W.RSS_CTX_ADD and exists:
+            raise ValueError(f"RSS context {ctx} already exists")
+        if cmd == W.RSS_CTX_MOD and not exists:
+            raise ValueError(f"RSS context {ctx} does not exist")
+        if len(payload) < _RSS_CTX_HEAD:
+            raise ValueError(f"virtnet_rss_ctx_add_modify of {len(payload)} bytes")
+        # The reserved bytes are ignored; the parameters are checked as RSS_CONFIG's are.
+        self.rss_contexts[ctx] = rss.decode_rss_config(
+            payload[_RSS_CTX_HEAD:],
+            max_key=RSS_MAX_KEY,
+            max_table=RSS_MAX_TABLE,
+            supported_hash_types=SUPPORTED_HASH_TYPES,
+            rx_queues=self.active_pairs_possible(),
+        )
+        return b""
+
+    def context_queue(self, ctx_id: int, frame: bytes) -> int:
+        """The receive pair RSS context ``ctx_id`` selects for ``frame`` (KeyError if none).
+
+        VIRTIO 1.4 gives a received packet no way to pick a context: no flow
+        filter action names one, and this device has no flow filters. So
+        :meth:`deliver` always steers with the default RSS configuration; this
+        is the choice a context would make, with the same hash (inner header
+        hash included).
+        """
+        return tunnel.select_queue(self.rss_contexts[ctx_id], frame, self.tunnel_types)
 
 
 _PLAIN = W.NetHdr()

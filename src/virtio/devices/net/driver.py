@@ -13,19 +13,24 @@ A device that breaks the rules (a used length past the buffer, ``num_buffers``
 of 0 or more buffers than it could have used) costs the frame, not the driver:
 the frame is dropped and counted in ``errors``; a ring the device corrupts
 stops the driver (``broken``).
+
+The control queue side covers the filters, queue pairs, offloads, device
+statistics (:meth:`NetDriver.query_stats`, :meth:`NetDriver.get_stats`), RSS
+contexts and the inner header hash (:meth:`NetDriver.set_hash_tunnel`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
+import struct
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from virtio.core.driver import VirtioDriver
-from virtio.errors import NegotiationError
+from virtio.devices.net import rss, stats
 from virtio.devices.net import wire as W
-from virtio.errors import SpecViolation
+from virtio.errors import NegotiationError, SpecViolation
 from virtio.layout import ByteOrder
 from virtio.spec.device_ids import DeviceId
 
@@ -38,6 +43,11 @@ N_CONFIG_DRV = f"drivernormative:{_NET} / Device configuration layout"
 _CVQ = f"{_NET} / Device Operation / Control Virtqueue"
 N_FILTER_DRV = f"drivernormative:{_CVQ} / Packet Receive Filtering"
 N_MAC_DRV = f"drivernormative:{_CVQ} / Setting MAC Address Filtering"
+N_RSS_DRV = f"drivernormative:{_CVQ} / Receive-side scaling (RSS)"
+N_STATS_DEV = f"devicenormative:{_CVQ} / Device Statistics"
+N_STATS_DRV = f"drivernormative:{_CVQ} / Device Statistics"
+N_RSS_CTX_DRV = f"drivernormative:{_CVQ} / RSS Context"
+N_TUNNEL_DRV = f"drivernormative:{_CVQ} / Inner Header Hash"
 
 #: The feature bits this driver knows and takes when offered.
 DRIVER_FEATURES = (
@@ -57,9 +67,27 @@ DRIVER_FEATURES = (
     | 1 << W.VQ_NOTF_COAL
     | 1 << W.SPEED_DUPLEX
     | 1 << W.STANDBY
+    | 1 << W.DEVICE_STATS
+    # These two need RSS or HASH_REPORT, so they are taken only with those (below).
+    | 1 << W.HASH_TUNNEL
+    | 1 << W.RSS_CONTEXT
     | W.GUEST_OFFLOAD_BITS
     | W.HOST_OFFLOAD_BITS
 )
+#: Known but taken only when ``features`` asks for them: they change the header
+#: size (HASH_REPORT) or how received frames are steered (RSS).
+OPT_IN_FEATURES = 1 << W.RSS | 1 << W.HASH_REPORT
+
+
+def encode_rss_config(config: rss.RssConfig) -> bytes:
+    """``struct virtio_net_rss_config`` (little-endian: RSS needs VIRTIO_F_VERSION_1)."""
+    table = config.indirection_table
+    return (
+        struct.pack("<IHH", config.hash_types, config.mask, config.unclassified_queue)
+        + struct.pack(f"<{len(table)}H", *table)
+        + struct.pack("<HB", config.max_tx_vq, len(config.key))
+        + config.key
+    )
 
 
 @dataclass
@@ -114,11 +142,19 @@ class NetDriver(VirtioDriver):
         self._rx_slots: list[int] = []
         self._rx_partial: list[list[bytes]] = []
         self._rx_expect: list[int] = []
+        #: ``supported_stats_types`` from :meth:`query_stats` (None: not queried yet).
+        self.stats_types: int | None = None
+        #: ``max_rss_contexts`` from :meth:`rss_context_cap` (None: not queried yet).
+        self.max_rss_contexts: int | None = None
+        #: The RSS contexts the device accepted.
+        self.rss_contexts: set[int] = set()
 
     # -- negotiation -------------------------------------------------------------------
 
     def supported_features(self) -> int:
-        return DRIVER_FEATURES
+        if self.wanted is None:
+            return DRIVER_FEATURES
+        return DRIVER_FEATURES | self.wanted & OPT_IN_FEATURES
 
     def _max_pairs(self) -> int:
         if not (self.has(W.MQ) or self.has(W.RSS)):
@@ -135,8 +171,24 @@ class NetDriver(VirtioDriver):
         # control queue): take what the transport has.
         return min(count, self.transport.num_queues())
 
+    def choose_features(self, offered: int) -> int:
+        accept = super().choose_features(offered)
+        if accept >> W.MTU & 1:
+            # A device MUST set mtu to 68..65535 when it offers VIRTIO_NET_F_MTU; one that
+            # does not (DPDK's vhost PMD offers the bit with no config space behind it
+            # over vhost-user) gets no MTU taken from it.
+            mtu = int.from_bytes(self.read_config(W.CFG_MTU, 2), self.byteorder)
+            if mtu < 68:
+                log.info("device offers VIRTIO_NET_F_MTU with mtu %d: not taking it", mtu)
+                accept &= ~(1 << W.MTU)
+        return accept
+
     def setup(self) -> None:
         self.hdr_size = W.header_size(self.negotiated, legacy=self.transport.legacy)
+        # A (re)initialized device has forgotten its contexts and may count other types.
+        self.stats_types = None
+        self.max_rss_contexts = None
+        self.rss_contexts = set()
         if self.has(W.MAC):
             # The NIC's address is the device's mac when MAC is negotiated.
             self.mac = self.read_config(W.CFG_MAC, 6)
@@ -372,6 +424,11 @@ class NetDriver(VirtioDriver):
         return back[0], back[1:written]
 
     def set_queue_pairs(self, pairs: int) -> None:
+        if self.rss_contexts:
+            raise NegotiationError(
+                f"VQ_PAIRS_SET with RSS contexts {sorted(self.rss_contexts)} configured",
+                N_RSS_CTX_DRV,
+            )
         ack, _ = self.command(W.CTRL_MQ_CLASS, W.MQ_VQ_PAIRS_SET, pairs.to_bytes(2, self.byteorder))
         if ack != W.OK:
             raise ValueError(f"device refused {pairs} queue pairs")
@@ -382,9 +439,7 @@ class NetDriver(VirtioDriver):
         need = W.CTRL_RX if cmd in (W.RX_PROMISC, W.RX_ALLMULTI) else W.CTRL_RX_EXTRA
         if not self.has(need):
             # The driver MUST NOT issue the command without the feature.
-            raise NegotiationError(
-                f"RX command {cmd} needs feature bit {need}", N_FILTER_DRV
-            )
+            raise NegotiationError(f"RX command {cmd} needs feature bit {need}", N_FILTER_DRV)
         return self.command(W.CTRL_RX_CLASS, cmd, bytes([1 if on else 0]))[0]
 
     def set_mac_table(self, unicast: Sequence[bytes], multicast: Sequence[bytes]) -> int:
@@ -419,3 +474,197 @@ class NetDriver(VirtioDriver):
         return self.command(
             W.CTRL_GUEST_OFFLOADS_CLASS, W.GUEST_OFFLOADS_SET, offloads.to_bytes(8, self.byteorder)
         )[0]
+
+    # -- device statistics ------------------------------------------------------------------
+
+    def query_stats(self) -> int:
+        """VIRTIO_NET_CTRL_STATS_QUERY: the device's ``supported_stats_types`` (kept)."""
+        if not self.has(W.DEVICE_STATS):
+            raise NegotiationError("statistics without VIRTIO_NET_F_DEVICE_STATS")
+        ack, result = self.command(
+            W.CTRL_STATS_CLASS, W.STATS_QUERY, result=stats.CAPABILITIES.size
+        )
+        if ack != W.OK:
+            raise ValueError("the device refused VIRTIO_NET_CTRL_STATS_QUERY")
+        if len(result) < stats.CAPABILITIES.size:
+            raise SpecViolation(f"STATS_QUERY answered {len(result)} bytes, not 8", N_STATS_DEV)
+        (self.stats_types,) = stats.CAPABILITIES.unpack_from(result)
+        return self.stats_types
+
+    def _stats_kind(self, vq_index: int) -> int:
+        """The statistics types that exist for a queue (receiveq, transmitq or controlq)."""
+        if vq_index == self.ctrl_queue:
+            return W.STATS_TYPES_CVQ
+        if not 0 <= vq_index < 2 * self.max_pairs:
+            raise ValueError(f"queue {vq_index} is not a queue of this driver")
+        return W.STATS_TYPES_TX if vq_index & 1 else W.STATS_TYPES_RX
+
+    def stats_types_for(self, vq_index: int) -> int:
+        """What a STATS_GET may ask of this queue: queried, valid for it, features negotiated."""
+        if self.stats_types is None:
+            self.query_stats()
+        assert self.stats_types is not None
+        types = self.stats_types & self._stats_kind(vq_index) & stats.KNOWN_TYPES
+        return stats.obtainable(types, self.negotiated)
+
+    def get_stats(self, requests: Sequence[tuple[int, int]]) -> list[stats.StatsReply]:
+        """VIRTIO_NET_CTRL_STATS_GET for (vq_index, types_bitmap) pairs; the decoded replies.
+
+        The types must come from :meth:`query_stats` and suit their queue; the
+        result buffer holds every requested reply. Raises ValueError if the
+        device answers ERR and SpecViolation if its replies are malformed or
+        answer something not asked.
+        """
+        if self.stats_types is None:
+            raise NegotiationError("STATS_GET before STATS_QUERY", N_STATS_DRV)
+        expected: list[tuple[int, int]] = []
+        for vq, types in requests:
+            kind = self._stats_kind(vq)
+            if types & ~self.stats_types:
+                raise NegotiationError(
+                    f"statistics types {types & ~self.stats_types:#x} were not in "
+                    "supported_stats_types",
+                    N_STATS_DRV,
+                )
+            if types & ~kind:
+                raise NegotiationError(
+                    f"statistics types {types & ~kind:#x} are not valid for queue {vq}",
+                    N_STATS_DRV,
+                )
+            if types & ~stats.KNOWN_TYPES:
+                raise ValueError(f"statistics types {types & ~stats.KNOWN_TYPES:#x} are unknown")
+            expected += [(t, vq) for t in stats.type_bits(types)]
+        # Room for every reply (and so for every reply header).
+        size = sum(stats.reply_size(t) for t, _ in expected)
+        ack, result = self.command(
+            W.CTRL_STATS_CLASS, W.STATS_GET, stats.encode_request(requests), result=size
+        )
+        if ack != W.OK:
+            raise ValueError(f"the device refused STATS_GET for {list(requests)}")
+        try:
+            replies = stats.decode_replies(result)
+        except ValueError as err:
+            raise SpecViolation(f"malformed statistics reply: {err}", N_STATS_DEV) from None
+        wanted = Counter(expected)
+        for reply in replies:
+            key = (reply.type, reply.vq_index)
+            if not wanted[key]:
+                raise SpecViolation(
+                    f"statistics reply of type {reply.type} for queue {reply.vq_index} "
+                    "was not requested",
+                    N_STATS_DEV,
+                )
+            wanted[key] -= 1
+        if len(replies) < len(expected):
+            log.warning("STATS_GET: %d of %d replies came", len(replies), len(expected))
+        return replies
+
+    def queue_stats(self, vq_index: int) -> dict[str, int]:
+        """Every statistic this queue has that the device and the features allow, by name."""
+        types = self.stats_types_for(vq_index)
+        out: dict[str, int] = {}
+        if types:
+            for reply in self.get_stats([(vq_index, types)]):
+                out.update(reply.values)
+        return out
+
+    # -- inner header hash -------------------------------------------------------------------
+
+    def supported_tunnel_types(self) -> int:
+        """``supported_tunnel_types`` (0 without VIRTIO_NET_F_HASH_TUNNEL)."""
+        if not self.has(W.HASH_TUNNEL):
+            return 0
+        raw = int.from_bytes(self.read_config(W.CFG_TUNNEL_TYPES, 4), "little")
+        # Bits this specification does not document are ignored.
+        return raw & W.HASH_TUNNEL_TYPES_ALL
+
+    def set_hash_tunnel(self, types: int) -> int:
+        """VIRTIO_NET_CTRL_HASH_TUNNEL_SET: hash the inner headers of these encapsulations."""
+        if not self.has(W.HASH_TUNNEL):
+            raise NegotiationError("HASH_TUNNEL_SET without VIRTIO_NET_F_HASH_TUNNEL", N_TUNNEL_DRV)
+        extra = types & ~self.supported_tunnel_types()
+        if extra:
+            raise NegotiationError(
+                f"encapsulation types {extra:#x} are not in supported_tunnel_types", N_TUNNEL_DRV
+            )
+        return self.command(
+            W.CTRL_HASH_TUNNEL_CLASS, W.HASH_TUNNEL_SET, types.to_bytes(4, "little")
+        )[0]
+
+    # -- RSS --------------------------------------------------------------------------------
+
+    def _check_rss_config(self, config: rss.RssConfig) -> None:
+        """The driver's side of Setting RSS parameters, against the device's limits."""
+        max_key = self.read_config(W.CFG_RSS_MAX_KEY, 1)[0]
+        max_table = int.from_bytes(self.read_config(W.CFG_RSS_MAX_TABLE, 2), "little")
+        supported = int.from_bytes(self.read_config(W.CFG_HASH_TYPES, 4), "little")
+        if config.mask >= max_table:
+            raise NegotiationError(
+                f"indirection_table_mask {config.mask} is not below {max_table}", N_RSS_DRV
+            )
+        if config.hash_types & ~supported:
+            raise NegotiationError(
+                f"hash types {config.hash_types & ~supported:#x} are not supported", N_RSS_DRV
+            )
+        queues = [*config.indirection_table, config.unclassified_queue]
+        if any(not 0 <= q < self.max_pairs for q in queues):
+            raise NegotiationError("a receive queue id is not an enabled receive queue", N_RSS_DRV)
+        if len(config.key) > max_key:
+            raise ValueError(f"a {len(config.key)}-byte key (rss_max_key_size {max_key})")
+        if not 1 <= config.max_tx_vq <= self.max_pairs:
+            raise ValueError(f"max_tx_vq {config.max_tx_vq} is outside 1..{self.max_pairs}")
+
+    def set_rss(self, config: rss.RssConfig) -> int:
+        """VIRTIO_NET_CTRL_MQ_RSS_CONFIG (VIRTIO_NET_F_RSS)."""
+        if not self.has(W.RSS):
+            raise NegotiationError("RSS_CONFIG without VIRTIO_NET_F_RSS", N_RSS_DRV)
+        self._check_rss_config(config)
+        return self.command(W.CTRL_MQ_CLASS, W.MQ_RSS_CONFIG, encode_rss_config(config))[0]
+
+    def _require_rss_context(self) -> None:
+        if not self.has(W.RSS_CONTEXT):
+            raise NegotiationError(
+                "RSS context command without VIRTIO_NET_F_RSS_CONTEXT", N_RSS_CTX_DRV
+            )
+
+    def rss_context_cap(self) -> int:
+        """VIRTNET_RSS_CTX_CTRL_CAP_GET: ``max_rss_contexts`` (kept)."""
+        self._require_rss_context()
+        ack, result = self.command(W.CTRL_RSS_CTX_CLASS, W.RSS_CTX_CAP_GET, result=2)
+        if ack != W.OK or len(result) < 2:
+            raise ValueError("the device did not answer VIRTNET_RSS_CTX_CTRL_CAP_GET")
+        self.max_rss_contexts = int.from_bytes(result[:2], "little")
+        return self.max_rss_contexts
+
+    def _context_id(self, ctx_id: int) -> bytes:
+        self._require_rss_context()
+        limit = self.max_rss_contexts
+        if limit is None:
+            limit = self.rss_context_cap()
+        if not 1 <= ctx_id <= limit:
+            raise NegotiationError(f"rss_ctx_id {ctx_id} is outside 1..{limit}", N_RSS_CTX_DRV)
+        return ctx_id.to_bytes(2, "little")
+
+    def add_rss_context(self, ctx_id: int, config: rss.RssConfig) -> int:
+        """VIRTNET_RSS_CTX_CTRL_ADD: a new context ``ctx_id`` with these parameters."""
+        return self._rss_context(W.RSS_CTX_ADD, ctx_id, config)
+
+    def modify_rss_context(self, ctx_id: int, config: rss.RssConfig) -> int:
+        """VIRTNET_RSS_CTX_CTRL_MOD: new parameters for context ``ctx_id``."""
+        return self._rss_context(W.RSS_CTX_MOD, ctx_id, config)
+
+    def _rss_context(self, cmd: int, ctx_id: int, config: rss.RssConfig) -> int:
+        head = self._context_id(ctx_id)
+        self._check_rss_config(config)
+        payload = head + bytes(6) + encode_rss_config(config)
+        ack = self.command(W.CTRL_RSS_CTX_CLASS, cmd, payload)[0]
+        if ack == W.OK:
+            self.rss_contexts.add(ctx_id)
+        return ack
+
+    def delete_rss_context(self, ctx_id: int) -> int:
+        """VIRTNET_RSS_CTX_CTRL_DEL."""
+        ack = self.command(W.CTRL_RSS_CTX_CLASS, W.RSS_CTX_DEL, self._context_id(ctx_id))[0]
+        if ack == W.OK:
+            self.rss_contexts.discard(ctx_id)
+        return ack

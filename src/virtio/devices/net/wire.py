@@ -271,7 +271,56 @@ NOTF_COAL_VQ_SET = 2
 NOTF_COAL_VQ_GET = 3
 
 CTRL_HASH_TUNNEL_CLASS = 7
+HASH_TUNNEL_SET = 0
+
 CTRL_STATS_CLASS = 8
+STATS_QUERY = 0
+STATS_GET = 1
+
+CTRL_RSS_CTX_CLASS = 9
+RSS_CTX_CAP_GET = 0
+RSS_CTX_ADD = 1
+RSS_CTX_MOD = 2
+RSS_CTX_DEL = 3
+
+# -- encapsulation types for inner header hash (supported/enabled_tunnel_types) --------
+HASH_TUNNEL_TYPE_GRE_2784 = 1 << 0
+HASH_TUNNEL_TYPE_GRE_2890 = 1 << 1
+HASH_TUNNEL_TYPE_GRE_7676 = 1 << 2
+HASH_TUNNEL_TYPE_GRE_UDP = 1 << 3
+HASH_TUNNEL_TYPE_VXLAN = 1 << 4
+HASH_TUNNEL_TYPE_VXLAN_GPE = 1 << 5
+HASH_TUNNEL_TYPE_GENEVE = 1 << 6
+HASH_TUNNEL_TYPE_IPIP = 1 << 7
+HASH_TUNNEL_TYPE_NVGRE = 1 << 8
+#: Every encapsulation type the spec documents.
+HASH_TUNNEL_TYPES_ALL = (1 << 9) - 1
+
+# -- device statistics (VIRTIO_NET_CTRL_STATS) -----------------------------------------
+STATS_TYPE_RX_BASIC = 1 << 0
+STATS_TYPE_RX_CSUM = 1 << 1
+STATS_TYPE_RX_GSO = 1 << 2
+STATS_TYPE_RX_SPEED = 1 << 3
+STATS_TYPE_TX_BASIC = 1 << 16
+STATS_TYPE_TX_CSUM = 1 << 17
+STATS_TYPE_TX_GSO = 1 << 18
+STATS_TYPE_TX_SPEED = 1 << 19
+STATS_TYPE_CVQ = 1 << 32
+#: The bits of each queue kind (receiveq: 0..15, transmitq: 16..31, controlq: 32).
+STATS_TYPES_RX = 0xFFFF
+STATS_TYPES_TX = 0xFFFF << 16
+STATS_TYPES_CVQ = STATS_TYPE_CVQ
+
+# The reply header's ``type``: the bit number of the type.
+STATS_REPLY_RX_BASIC = 0
+STATS_REPLY_RX_CSUM = 1
+STATS_REPLY_RX_GSO = 2
+STATS_REPLY_RX_SPEED = 3
+STATS_REPLY_TX_BASIC = 16
+STATS_REPLY_TX_CSUM = 17
+STATS_REPLY_TX_GSO = 18
+STATS_REPLY_TX_SPEED = 19
+STATS_REPLY_CVQ = 32
 
 #: The largest control command payload the device accepts (a full MAC table of
 #: unicast and multicast entries fits well below; anything larger is hostile).
