@@ -129,20 +129,20 @@ class DeviceRegisters(DeviceHooks):
     def device_feature(self) -> int:
         """32 bits of the device's offer, selected by ``device_feature_select``."""
         return self.device.read_device_features() >> (32 * self.device_feature_select) & (
-            0xFFFFFFFF if 0 <= self.device_feature_select < 2 else 0
+            0xFFFFFFFF if 0 <= self.device_feature_select < F.FEATURE_WORDS else 0
         )
 
     @property
     def driver_feature(self) -> int:
         select = self.driver_feature_select
-        if not 0 <= select < 2:
+        if not 0 <= select < F.FEATURE_WORDS:
             return 0
         return self.device.driver_features >> (32 * select) & 0xFFFFFFFF
 
     @driver_feature.setter
     def driver_feature(self, value: int) -> None:
         select = self.driver_feature_select
-        if not 0 <= select < 2:
+        if not 0 <= select < F.FEATURE_WORDS:
             if value:
                 log.info("ignoring driver feature word %d = %#x", select, value)
             return

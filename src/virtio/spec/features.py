@@ -15,6 +15,9 @@ from virtio.spec._feature_table import TABLE
 
 # Bits 24..40 and 43 are reserved for the queue and feature negotiation mechanisms.
 CORE_FEATURE_BITS = frozenset([*range(24, 41), 43])
+#: 32-bit feature words a modern interface carries (bits 0..127; net's
+#: VIRTIO_NET_F_RSS_CONTEXT is bit 64). vhost-user moves 64 bits only.
+FEATURE_WORDS = 4
 
 
 @dataclass(frozen=True)

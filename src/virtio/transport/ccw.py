@@ -1143,7 +1143,7 @@ class CcwTransport:
         # A command reject: the device kept its previous status.
 
     def _feature_words(self) -> int:
-        return 1 if self.legacy else 2
+        return 1 if self.legacy else F.FEATURE_WORDS
 
     def read_device_features(self) -> int:
         value = 0

@@ -30,6 +30,7 @@ from virtio.layout import ByteOrder
 from virtio.memory import Allocator, GuestMemory, Memory, PageTable, TranslatedMemory
 from virtio.queue import RingLayout
 from virtio.queue.common import LEGACY_QUEUE_ALIGN
+from virtio.spec import features as F
 from virtio.transport.blocking import serve_events, wait_until
 
 
@@ -177,7 +178,7 @@ class Loopback:
     def read_device_features(self) -> int:
         with self._lock:
             regs = self.registers
-            words = 1 if self.legacy else 2
+            words = 1 if self.legacy else F.FEATURE_WORDS
             value = 0
             for select_ in range(words):
                 regs.device_feature_select = select_
@@ -187,7 +188,7 @@ class Loopback:
     def write_driver_features(self, value: int) -> None:
         with self._lock:
             regs = self.registers
-            for select_ in range(1 if self.legacy else 2):
+            for select_ in range(1 if self.legacy else F.FEATURE_WORDS):
                 regs.driver_feature_select = select_
                 regs.driver_feature = value >> (32 * select_) & 0xFFFFFFFF
 

@@ -36,6 +36,7 @@ from virtio.layout import ByteOrder
 from virtio.memory import Allocator, GuestMemory, Memory
 from virtio.queue import RingLayout
 from virtio.queue.common import LEGACY_QUEUE_ALIGN
+from virtio.spec import features as F
 from virtio.transport.blocking import serve_events, wait_until
 
 log = logging.getLogger("virtio.transport.mmio")
@@ -387,13 +388,13 @@ class MmioTransport:
 
     def read_device_features(self) -> int:
         value = 0
-        for word in range(1 if self.legacy else 2):
+        for word in range(1 if self.legacy else F.FEATURE_WORDS):
             self.bus.write(R.DEVICE_FEATURES_SEL, 4, word)
             value |= self.bus.read(R.DEVICE_FEATURES, 4) << (32 * word)
         return value
 
     def write_driver_features(self, value: int) -> None:
-        for word in range(1 if self.legacy else 2):
+        for word in range(1 if self.legacy else F.FEATURE_WORDS):
             self.bus.write(R.DRIVER_FEATURES_SEL, 4, word)
             self.bus.write(R.DRIVER_FEATURES, 4, value >> (32 * word) & _LOW32)
 

@@ -963,7 +963,7 @@ class PciTransport:
         if self.legacy:
             return self._legacy(0x00, 4)
         value = 0
-        for word in (0, 1):
+        for word in range(F.FEATURE_WORDS):
             self._common(0x00, 4, word)
             value |= self._common(0x04, 4) << (32 * word)
         return value
@@ -973,7 +973,7 @@ class PciTransport:
         if self.legacy:
             self._legacy(0x04, 4, value & 0xFFFFFFFF)
             return
-        for word in (0, 1):
+        for word in range(F.FEATURE_WORDS):
             self._common(0x08, 4, word)
             self._common(0x0C, 4, value >> (32 * word) & 0xFFFFFFFF)
 

@@ -300,7 +300,8 @@ class BackendSession:
     def _on_get_features(self, msg: Message) -> Message:
         self._no_fds(msg)
         expect_size(msg, 0)
-        return self._u64_reply(msg, self.offered_features)
+        # vhost-user carries 64 feature bits: higher ones cannot be negotiated here.
+        return self._u64_reply(msg, self.offered_features & (1 << 64) - 1)
 
     def _on_set_features(self, msg: Message) -> None:
         self._no_fds(msg)
