@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from virtio.core.device import DeviceHooks, RingOptions, VirtioDevice
@@ -709,12 +708,9 @@ class NetDevice(VirtioDevice):
             try:
                 if ring.enable_notifications():
                     # Buffers arrived meanwhile: a kick may never come, so look now.
-                    self.events.call_later(0.0, lambda now: self._rx_kicked_flush(index))
+                    self.events.call_later(0.0, lambda _now: self._rx_kicked(index))
             except SpecViolation as err:
                 self.fail(err.message, err.normative)
-
-    def _rx_kicked_flush(self, index: int) -> None:
-        self._rx_kicked(index)
 
     def _take(self, index: int, rx: _RxQueue) -> Chain | None:
         if rx.spare:
@@ -1255,7 +1251,3 @@ def _flow_key(frame: bytes, *, outgoing: bool) -> bytes | None:
         # What the guest sends from (src, sport) comes back addressed to it.
         src, dst, sport, dport = dst, src, dport, sport
     return bytes([proto]) + src + dst + sport + dport
-
-
-def queue_names(pairs: int, ctrl: bool) -> Sequence[str]:
-    return [W.queue_role(i, pairs, ctrl) for i in range(2 * pairs + (1 if ctrl else 0))]
