@@ -708,9 +708,12 @@ class NetDevice(VirtioDevice):
             try:
                 if ring.enable_notifications():
                     # Buffers arrived meanwhile: a kick may never come, so look now.
-                    self.events.call_later(0.0, lambda _now: self._rx_kicked(index))
+                    self.events.call_later(0.0, lambda _now: self._look_again(index))
             except SpecViolation as err:
                 self.fail(err.message, err.normative)
+
+    def _look_again(self, index: int) -> None:
+        self._rx_kicked(index)
 
     def _take(self, index: int, rx: _RxQueue) -> Chain | None:
         if rx.spare:
