@@ -10,6 +10,7 @@ from virtio.vm.assets import AssetError, GuestAssets, cache_dir, prepare
 from virtio.vm.runner import (
     GuestResult,
     VhostUserBlkDisk,
+    VhostUserDevice,
     VhostUserNic,
     qemu_command,
     run_guest,
@@ -21,6 +22,7 @@ __all__ = [
     "GuestAssets",
     "GuestResult",
     "VhostUserBlkDisk",
+    "VhostUserDevice",
     "VhostUserNic",
     "cache_dir",
     "prepare",

@@ -52,6 +52,18 @@ class VhostUserNic:
     reconnect: bool = False
 
 
+@dataclass(frozen=True)
+class VhostUserDevice:
+    """Any vhost-user device the guest gets: QEMU's front-end for it, UML's device id."""
+
+    socket: str
+    device_id: int
+    #: QEMU's front-end (``vhost-user-scsi-pci``, ...); None: UML only.
+    qemu_device: str | None = None
+    #: More ``-device`` properties for QEMU (``,num_queues=2``).
+    qemu_options: str = ""
+
+
 @dataclass
 class GuestResult:
     output: str
@@ -99,6 +111,7 @@ def qemu_command(
     host_share: bool = False,
     kernel_args: Sequence[str] = (),
     nics: Sequence[VhostUserNic] = (),
+    devices: Sequence[VhostUserDevice] = (),
 ) -> list[str]:
     mmio = transport == "mmio"
     append = " ".join(["console=ttyS0 rdinit=/init panic=-1 quiet loglevel=3", *kernel_args])
@@ -174,6 +187,15 @@ def qemu_command(
         if nic.packed:
             opts += ",packed=on"
         cmd += ["-chardev", chardev, "-netdev", netdev, "-device", opts]
+    for i, dev in enumerate(devices):
+        if dev.qemu_device is None:
+            raise ValueError(f"device id {dev.device_id} has no QEMU vhost-user front-end")
+        cmd += [
+            "-chardev",
+            f"socket,id=vd{i},path={dev.socket}",
+            "-device",
+            f"{dev.qemu_device},chardev=vd{i}{dev.qemu_options}",
+        ]
     if host_share:
         fs_device = "virtio-9p-device" if mmio else "virtio-9p-pci"
         cmd += [
@@ -194,6 +216,7 @@ def uml_command(
     host_share: bool = False,
     kernel_args: Sequence[str] = (),
     nics: Sequence[VhostUserNic] = (),
+    devices: Sequence[VhostUserDevice] = (),
 ) -> list[str]:
     cmd = [
         str(assets.uml),
@@ -213,6 +236,8 @@ def uml_command(
         cmd.append(f"virtio_uml.device={disk.socket}:2")
     for nic in nics:
         cmd.append(f"virtio_uml.device={nic.socket}:1")
+    for dev in devices:
+        cmd.append(f"virtio_uml.device={dev.socket}:{dev.device_id}")
     return cmd
 
 
@@ -248,6 +273,7 @@ def run_guest(
     kernel_args: Sequence[str] = (),
     launcher: Sequence[str] = (),
     nics: Sequence[VhostUserNic] = (),
+    devices: Sequence[VhostUserDevice] = (),
 ) -> GuestResult:
     """Boot a guest, run ``script`` in it, return what happened.
 
@@ -270,6 +296,7 @@ def run_guest(
                 host_share=host_share,
                 kernel_args=kernel_args,
                 nics=nics,
+                devices=devices,
             )
             cmd = [*launcher, *cmd]
         else:
@@ -282,6 +309,7 @@ def run_guest(
                 host_share=host_share,
                 kernel_args=kernel_args,
                 nics=nics,
+                devices=devices,
             )
         out_path = run_dir / "console.log"
         env = dict(os.environ, TMPDIR=tmp)
