@@ -11,6 +11,7 @@ checks versions.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -19,6 +20,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,6 +352,13 @@ def _build_uml_root(root: Path, uml_version: str) -> None:
         path.chmod(0o755)
 
 
+def _unused_for(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
+
+
 def prepare(progress: Progress | None = None) -> GuestAssets:
     """Build or reuse the cached guest assets."""
     say = progress or (lambda _msg: None)
@@ -381,10 +390,14 @@ def prepare(progress: Progress | None = None) -> GuestAssets:
         say("building the User-Mode Linux root")
         _build_uml_root(dest / "uml-root", uml_versions[-1])
         stamp.write_text(json.dumps(facts, indent=1))
-        # Older caches are dead weight once a new key is built.
+        # Older caches are dead weight once a new key is built, but another
+        # checkout (a CI clone, a second work tree) may be using one right now:
+        # only those unused for a day go.
         for old in cache.glob("guest-*"):
-            if old != dest:
+            if old != dest and _unused_for(old, 24 * 3600):
                 shutil.rmtree(old, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.utime(dest)  # in use: keeps other checkouts from pruning it
     kernels = sorted((dest / "kernel" / "boot").glob("vmlinuz-*"))
     if not kernels:
         raise AssetError(f"no kernel image in {dest}")
