@@ -373,6 +373,20 @@ def _pair(
     return device, driver
 
 
+def _window(
+    device: Testpmd, driver: Testpmd, seconds: float, warmup: float
+) -> tuple[float, list[PortStats], list[PortStats]]:
+    """Start both, let traffic settle, and sample both sides' counters ``seconds`` apart."""
+    with device, driver:
+        device.wait_link_up()
+        _wait_traffic(device)
+        time.sleep(warmup)
+        t0, first = _sample(device, driver)
+        time.sleep(seconds)
+        t1, last = _sample(device, driver)
+    return t1 - t0, first, last
+
+
 def measure_c_pair(
     size: int, seconds: float, tmpdir: Path, *, warmup: float = 0.5
 ) -> dict[str, float]:
@@ -381,14 +395,7 @@ def measure_c_pair(
     ``rx_pps`` is what the vhost side received per second, after ``warmup``.
     """
     device, driver = _pair(tmpdir, "rxonly", "txonly", size, ())
-    with device, driver:
-        device.wait_link_up()
-        _wait_traffic(device)
-        time.sleep(warmup)
-        t0, (d0, u0) = _sample(device, driver)
-        time.sleep(seconds)
-        t1, (d1, u1) = _sample(device, driver)
-    dt = t1 - t0
+    dt, (d0, u0), (d1, u1) = _window(device, driver, seconds, warmup)
     return {
         "size": size,
         "seconds": dt,
@@ -409,14 +416,7 @@ def measure_c_driver(
     ``txonly`` never polls its RX queue, so its rx_pps is 0 (the vhost side drops).
     """
     device, driver = _pair(tmpdir, "macswap", mode, size, ())
-    with device, driver:
-        device.wait_link_up()
-        _wait_traffic(device)
-        time.sleep(warmup)
-        t0, (d0, u0) = _sample(device, driver)
-        time.sleep(seconds)
-        t1, (d1, u1) = _sample(device, driver)
-    dt = t1 - t0
+    dt, (d0, u0), (d1, u1) = _window(device, driver, seconds, warmup)
     return {
         "size": size,
         "seconds": dt,
