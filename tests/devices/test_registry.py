@@ -94,7 +94,14 @@ def test_each_type_served_over_vhost_user(tmp_path: Path, name: str) -> None:
     # The type's own serve options, with what each requires (blk: an image).
     image = tmp_path / "image.img"
     image.write_bytes(bytes(1 << 20))
-    args = parser.parse_args([str(image)] if kind.name == "blk" else [])
+    required = {
+        "blk": [str(image)],
+        "scsi": [str(image)],
+        "fs": ["--shared-dir", str(tmp_path)],
+        "vsock": ["--guest-cid", "3", "--uds-path", str(tmp_path / "vsock")],
+        "balloon": [],
+    }
+    args = parser.parse_args(required.get(kind.name, []))
     device = kind.from_arguments(args, DeviceSettings())
     server = VhostUserServer(tmp_path / "vu.sock", device)
     server.bind()

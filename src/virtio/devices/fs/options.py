@@ -1,0 +1,83 @@
+"""`virtio serve fs` options (virtiofsd's names where it has them) and its registry entry.
+
+``--shared-dir DIR`` (required), ``--tag TAG`` (the config tag; virtiofsd has
+none, QEMU sets it), ``--cache auto|always|never``, ``--sandbox none`` (the
+only mode: the server confines the guest by descriptor-relative lookups, not
+by a namespace), ``--announce-submounts``, ``--readonly``,
+``--num-request-queues N``, ``--notification`` (offer VIRTIO_FS_F_NOTIFICATION).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+from pathlib import Path
+
+from virtio.core.device import VirtioDevice
+from virtio.devices.fs.device import DEFAULT_NOTIFY_BUF_SIZE, FsDevice, encode_tag
+from virtio.devices.fs.server import FuseServer
+from virtio.devices.registry import DeviceSettings
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shared-dir", required=True, help="host directory the guest sees")
+    p.add_argument("--tag", default="pyvirtio", help="mount tag (config space, up to 36 bytes)")
+    p.add_argument(
+        "--cache",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="guest caching: never (direct I/O, no attribute cache), auto (1 s), always",
+    )
+    p.add_argument(
+        "--sandbox", choices=("none",), default="none", help="only 'none' (no namespace sandbox)"
+    )
+    p.add_argument(
+        "--announce-submounts",
+        action="store_true",
+        help="mark directories on other file systems as submounts",
+    )
+    p.add_argument("--readonly", action="store_true", help="refuse every change (EROFS)")
+    p.add_argument("--num-request-queues", type=int, default=1, help="request virtqueues")
+    p.add_argument(
+        "--notification",
+        action="store_true",
+        help="offer VIRTIO_FS_F_NOTIFICATION (a notification queue)",
+    )
+
+
+def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> VirtioDevice:
+    if not os.path.isdir(args.shared_dir):
+        raise ValueError(f"--shared-dir {args.shared_dir}: not a directory")
+    if args.num_request_queues < 1:
+        raise ValueError("--num-request-queues must be at least 1")
+    encode_tag(args.tag)
+    # Every inode the guest knows holds a descriptor: allow as many as the host lets us.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    server = FuseServer(
+        args.shared_dir,
+        cache=args.cache,
+        announce_submounts=args.announce_submounts,
+        readonly=args.readonly,
+    )
+    return FsDevice(
+        server,
+        tag=args.tag,
+        num_request_queues=args.num_request_queues,
+        notification=args.notification,
+        notify_buf_size=DEFAULT_NOTIFY_BUF_SIZE,
+        queue_max_size=settings.queue_max_size,
+        ring=settings.ring,
+    )
+
+
+def num_queues(args: argparse.Namespace) -> int:
+    return 1 + int(args.notification) + int(args.num_request_queues)
+
+
+def example(directory: Path, settings: DeviceSettings) -> VirtioDevice:
+    shared = directory / "fs-shared"
+    shared.mkdir(exist_ok=True)
+    return FsDevice(FuseServer(shared), queue_max_size=settings.queue_max_size, ring=settings.ring)
