@@ -9,8 +9,7 @@ import pytest
 
 from virtio.core.device import RingOptions, SharedMemoryRegion
 from virtio.core.registers import ISR_CONFIG, ISR_QUEUE, NO_VECTOR
-from virtio.devices.blk import BlkDevice, BlkDriver
-from virtio.devices.net import NetDriver
+from virtio.devices.blk import BlkDevice
 from virtio.devices.registry import DeviceSettings, device_type, device_types
 from virtio.devices.rng import RngDevice, RngDriver
 from virtio.memory import Allocator, GuestMemory
@@ -35,6 +34,7 @@ from virtio.transport.pci import (
     NOTIFY_OFF,
     STATUS_CAP_LIST,
     STATUS_INTERRUPT,
+    TRANSITIONAL,
     CapType,
     LocalPciBus,
     NotVirtio,
@@ -78,8 +78,16 @@ SHAPES = {
 
 @pytest.mark.normative(N_DISCOVERY_DRV, N_LAYOUT_DRV, N_AVAIL_NOTIFY_DRV, N_CONFIG_NOTIFY_DRV)
 @pytest.mark.normative(N_MSIX_DRV, N_INIT_DRV)
-@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-@pytest.mark.parametrize("name", list(device_types()))
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [
+        (name, shape)
+        for name, kind in device_types().items()
+        for shape in SHAPES
+        # Transitional and legacy shapes exist only for types with a transitional id.
+        if shape.startswith("modern-") or kind.device_id in TRANSITIONAL
+    ],
+)
 def test_every_device_type_with_its_driver_over_pci(tmp_path: Path, name: str, shape: str) -> None:
     kind = device_type(name)
     device = kind.example(tmp_path, DeviceSettings(ring=RingOptions(notification_data=True)))
@@ -90,20 +98,15 @@ def test_every_device_type_with_its_driver_over_pci(tmp_path: Path, name: str, s
         driver = kind.driver(transport)
         driver.initialize()
         assert driver.has(F.VIRTIO_F_VERSION_1) != transport.legacy
-        if isinstance(driver, BlkDriver):
-            driver.write(5, b"over pci".ljust(4096, b"."))
-            assert driver.read(5, 4096).startswith(b"over pci")
-        elif isinstance(driver, RngDriver):
-            assert len(driver.read(64)) == 64
-        elif isinstance(driver, NetDriver):
-            driver.start()
-            assert driver.send(b"\xff" * 6 + b"\x02" * 6 + b"\x88\xb5" + bytes(50))
-            # A control command and its answer (a used buffer notification).
-            assert driver.command(0, 0, b"\x00")[0] == 0
+        if kind.smoke is not None:
+            kind.smoke(driver)
         bus = transport.bus
         assert isinstance(bus, LocalPciBus)
         # Interrupts came the configured way: MSI-X messages, or INTx.
-        assert (bus.messages > 0) == ("intx" not in shape)
+        if kind.smoke is not None:
+            assert (bus.messages > 0) == ("intx" not in shape)
+        else:
+            assert "intx" not in shape or bus.messages == 0
         assert not device.needs_reset_reason, device.needs_reset_reason
         driver.reset()
         assert transport.read_status() == 0

@@ -50,6 +50,10 @@ def main(argv: list[str]) -> int:
         from virtio.bench.netpeers import main as netpeers_main
 
         return netpeers_main(rest)
+    if kind == "dev-guests":
+        from virtio.bench.devguests import main as devguests_main
+
+        return devguests_main(rest)
     if kind == "net-guests":
         from virtio.bench.netguests import main as netguests_main
 

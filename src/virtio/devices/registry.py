@@ -55,6 +55,9 @@ class DeviceType:
     num_queues: Callable[[argparse.Namespace], int] = lambda _args: 1
     #: ``module:function`` of the type's load generator (`virtio bench TYPE`), if any.
     bench: str | None = None
+    #: One request of the type's own kind through a started driver, checked (raises on
+    #: a wrong answer): what generic tests run over every transport.
+    smoke: Callable[[VirtioDriver], None] | None = None
     #: QEMU options attaching a guest to a socket, for types QEMU attaches its own way
     #: (net: ``-netdev vhost-user``); arguments: the socket path and the device served.
     qemu_options: Callable[[str, VirtioDevice], str] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import time
@@ -66,7 +67,14 @@ def serve_events(
         time.sleep(wait)
         ready: list[int] = []
     else:
-        ready = select.select(watched, [], [], wait)[0]
+        try:
+            ready = select.select(watched, [], [], wait)[0]
+        except OSError as err:
+            if err.errno != errno.EBADF:
+                raise
+            # A watched fd was closed meanwhile (the driver's thread reset the
+            # device): the caller looks again with the fds as they are now.
+            return False
     now = time.monotonic()
     served = False
     with guard:

@@ -99,7 +99,10 @@ class Loopback:
         self._pending_used: set[int] = set()
         self._pending_config = False
         self._irq = threading.Condition(threading.Lock())
-        self._kicks: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        # Kicks carry the reset epoch they were sent in: one still queued when the
+        # driver resets the device is stale (a real device never sees it after).
+        self._kicks: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._epoch = 0
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread: threading.Thread | None = None
         if threaded:
@@ -156,8 +159,10 @@ class Loopback:
                     break
                 if index is None:
                     return
+                epoch, queue_index = index
                 with self._lock:
-                    self.registers.notify(queue=index)
+                    if epoch == self._epoch:
+                        self.registers.notify(queue=queue_index)
 
     def _serve_device_events(self, timeout: float | None, *, wake: bool = False) -> bool:
         """Wait for the device's fds and timers (and kicks, in the device thread)."""
@@ -173,6 +178,8 @@ class Loopback:
 
     def write_status(self, value: int) -> None:
         with self._lock:
+            if value == 0:
+                self._epoch += 1
             self.registers.status = value
 
     def read_device_features(self) -> int:
@@ -244,7 +251,7 @@ class Loopback:
     def notify(self, index: int, value: int) -> None:
         self.kicks += 1
         if self.threaded:
-            self._kicks.put(index)
+            self._kicks.put((self._epoch, index))
             os.eventfd_write(self._wake, 1)
         else:
             self.registers.notify(value, queue=index)
