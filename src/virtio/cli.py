@@ -52,6 +52,12 @@ def _balloon(argv: list[str]) -> int:
     return main(argv)
 
 
+def _mem(argv: list[str]) -> int:
+    from virtio.devices.mem.control import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, tuple[Handler, str]] = {
     "spec-coverage": (_spec_coverage, "normative blocks covered by the tests, per area"),
     "bench": (_bench, "benchmarks: `virtio bench ring`, `virtio bench blk`"),
@@ -59,6 +65,7 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
     "qemu": (_qemu, "run QEMU with pyvirtio PCI functions: `virtio qemu --pci PATH -- qemu...`"),
     "demo": (_demo, "serve a disk and boot a real Linux guest against it"),
     "balloon": (_balloon, "a served balloon's target: `virtio balloon set 64M --control PATH`"),
+    "mem": (_mem, "a served memory device's requested size: `virtio mem set 64M --control PATH`"),
     "probe": (_probe, "what a QEMU virtio device offers: `virtio probe --qemu virtio-net-pci`"),
 }
 

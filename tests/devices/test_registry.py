@@ -83,6 +83,7 @@ def test_each_type_served_over_vhost_user(tmp_path: Path, name: str) -> None:
         "fs": ["--shared-dir", str(tmp_path)],
         "vsock": ["--guest-cid", "3", "--uds-path", str(tmp_path / "vsock")],
         "balloon": [],
+        "pmem": [str(image)],
     }
     args = parser.parse_args(required.get(kind.name, []))
     device = kind.from_arguments(args, DeviceSettings())
