@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import ServeProcess
-from virtio.devices.balloon.control import request
+from virtio.control import request
 from virtio.vm import GuestAssets, VhostUserDevice, run_guest
 
 pytestmark = pytest.mark.guest

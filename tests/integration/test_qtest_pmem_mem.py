@@ -32,9 +32,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import ServeProcess
+from virtio.control import request
 from virtio.devices.mem import MemDriver
 from virtio.devices.mem import wire as MW
-from virtio.devices.mem.control import request
 from virtio.devices.pmem import PmemDriver
 from virtio.devices.pmem import wire as PW
 from virtio.spec.device_ids import DeviceId

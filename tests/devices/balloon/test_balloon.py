@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from virtio.control import request
 from virtio.devices.balloon import BalloonDevice, BalloonDriver
 from virtio.devices.balloon import options as O
 from virtio.devices.balloon import wire as W
-from virtio.devices.balloon.control import BalloonControl, main, request
+from virtio.devices.balloon.control import BalloonControl, main
 from virtio.devices.balloon.pages import release_view
 from virtio.devices.registry import DeviceSettings
 from virtio.errors import NegotiationError

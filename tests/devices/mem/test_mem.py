@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from virtio.control import request
 from virtio.devices.mem import MemDevice, MemDriver
 from virtio.devices.mem import options as O
 from virtio.devices.mem import wire as W
-from virtio.devices.mem.control import MemControl, main, request
+from virtio.devices.mem.control import MemControl, main
 from virtio.devices.mem.driver import MemResponseError
 from virtio.devices.registry import DeviceSettings, device_type
 from virtio.queue import Chain, ChainWriter

@@ -16,107 +16,23 @@ sockets only while a front-end is connected: commands sent with none wait
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import logging
 import os
-import socket
-import sys
-from pathlib import Path
 
+from virtio.control import LineControl, client
 from virtio.devices.balloon.wire import format_size, parse_size
 from virtio.devices.mem.device import MemDevice
 
 log = logging.getLogger("virtio.mem")
 
-MAX_LINE = 256
-MAX_CLIENTS = 8
 
-
-class MemControl:
-    """Listens on ``path`` and applies each command to ``device``."""
+class MemControl(LineControl):
+    """The control socket of one mem device."""
 
     def __init__(self, path: str | os.PathLike[str], device: MemDevice) -> None:
-        self.path = Path(path)
+        super().__init__(path, device.events)
         self.device = device
-        if self.path.is_socket():
-            self.path.unlink()  # a stale socket from an earlier run
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            self.listener.bind(str(self.path))
-            self.listener.listen(MAX_CLIENTS)
-            self.listener.setblocking(False)
-        except OSError:
-            self.listener.close()
-            raise
-        self._clients: dict[int, tuple[socket.socket, bytearray]] = {}
-        device.events.watch(self.listener.fileno(), self._accept)
         device.closers.append(self.close)
-
-    def close(self) -> None:
-        for fd in list(self._clients):
-            self._drop(fd)
-        if self.listener.fileno() >= 0:
-            self.device.events.unwatch(self.listener.fileno())
-            self.listener.close()
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-
-    def _accept(self, _now: float) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as err:
-            log.info("control socket: accept failed: %s", err)
-            return
-        if len(self._clients) >= MAX_CLIENTS:
-            conn.close()
-            return
-        conn.setblocking(False)
-        fd = conn.fileno()
-        self._clients[fd] = (conn, bytearray())
-        self.device.events.watch(fd, functools.partial(self._readable, fd))
-
-    def _drop(self, fd: int) -> None:
-        conn, _ = self._clients.pop(fd)
-        self.device.events.unwatch(fd)
-        conn.close()
-
-    def _readable(self, fd: int, _now: float) -> None:
-        conn, pending = self._clients[fd]
-        try:
-            data = conn.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._drop(fd)
-            return
-        pending += data
-        while b"\n" in pending:
-            line, _, rest = bytes(pending).partition(b"\n")
-            pending[:] = rest
-            if len(line) > MAX_LINE:
-                break
-            if not self._reply(fd, self.command(line.decode("utf-8", "replace"))):
-                return
-        else:
-            if len(pending) <= MAX_LINE:
-                return
-        if fd in self._clients:
-            self._reply(fd, "error: line too long")
-            self._drop(fd)
-
-    def _reply(self, fd: int, text: str) -> bool:
-        conn, _ = self._clients[fd]
-        try:
-            conn.sendall((text + "\n").encode())
-        except OSError:
-            self._drop(fd)  # a client that does not read its answers
-            return False
-        return True
 
     def command(self, line: str) -> str:
         """The answer to one command line."""
@@ -142,21 +58,6 @@ class MemControl:
         return f"error: unknown command {line.strip()[:64]!r}"
 
 
-def request(path: str | os.PathLike[str], line: str, timeout: float = 10.0) -> str:
-    """Send one command to a control socket; its one-line answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        sock.sendall(line.strip().encode() + b"\n")
-        answer = bytearray()
-        while not answer.endswith(b"\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-    return answer.decode("utf-8", "replace").strip()
-
-
 def main(argv: list[str]) -> int:
     """`virtio mem set SIZE --control PATH` (and `virtio mem status`)."""
     p = argparse.ArgumentParser(
@@ -170,10 +71,4 @@ def main(argv: list[str]) -> int:
     if args.command == "set" and args.value is None:
         p.error("set needs a size (e.g. 64M)")
     line = " ".join(x for x in (args.command, args.value) if x)
-    try:
-        answer = request(args.control, line, args.timeout)
-    except OSError as err:
-        print(f"virtio mem: {args.control}: {err}", file=sys.stderr)
-        return 1
-    print(answer)
-    return 1 if not answer or answer.startswith("error") else 0
+    return client("virtio mem", args.control, line, args.timeout)
