@@ -16,13 +16,10 @@ the guest's byte order.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
 from virtio.core.device import DEFERRED, RingOptions, VirtioDevice
 from virtio.devices.blk.wire import (
@@ -44,6 +41,7 @@ from virtio.devices.blk.wire import (
     T_SECURE_ERASE,
     T_WRITE_ZEROES,
 )
+from virtio.devices.imagefile import CAN_PUNCH_HOLES, punch_hole, write_zeroes
 from virtio.devices.iothreads import IoThreads
 from virtio.queue import Chain, ChainReader, ChainWriter
 from virtio.spec import features as F
@@ -53,26 +51,6 @@ log = logging.getLogger("virtio.blk")
 
 _SEG_SIZE = BLK_DISCARD_WRITE_ZEROES.size
 _IOV_MAX = 1024
-_ZERO_CHUNK = bytes(1 << 20)
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-
-
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        fn = ctypes.CDLL(name, use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return cast(Callable[[int, int, int, int], int], fn)
-
-
-_fallocate = _load_fallocate()
 
 
 @dataclass(frozen=True)
@@ -212,7 +190,7 @@ class BlkDevice(VirtioDevice):
             discard_sector_alignment=lbs // SECTOR_SIZE,
             max_write_zeroes_sectors=o.max_write_zeroes_sectors,
             max_write_zeroes_seg=o.max_write_zeroes_seg,
-            write_zeroes_may_unmap=1 if _fallocate is not None else 0,
+            write_zeroes_may_unmap=1 if CAN_PUNCH_HOLES else 0,
             max_secure_erase_sectors=o.max_secure_erase_sectors,
             max_secure_erase_seg=o.max_secure_erase_seg,
             secure_erase_sector_alignment=lbs // SECTOR_SIZE,
@@ -470,11 +448,11 @@ class BlkDevice(VirtioDevice):
         for sector, count, flags in segments:
             offset, length = sector * SECTOR_SIZE, count * SECTOR_SIZE
             if req_type == T_DISCARD or (req_type == T_WRITE_ZEROES and flags & 1):
-                if _punch_hole(self.fd, offset, length):
+                if punch_hole(self.fd, offset, length):
                     continue
                 if req_type == T_DISCARD:
                     continue  # discarding is optional; the data may stay
-            _write_zeroes(self.fd, offset, length)
+            write_zeroes(self.fd, offset, length)
         if not self.writeback:
             os.fdatasync(self.fd)
         return S_OK
@@ -500,20 +478,6 @@ def _write_all(fd: int, views: list[memoryview], offset: int, done: int) -> None
         n = os.pwrite(fd, data, offset)
         data = data[n:]
         offset += n
-
-
-def _write_zeroes(fd: int, offset: int, length: int) -> None:
-    while length:
-        n = os.pwrite(fd, _ZERO_CHUNK[: min(length, len(_ZERO_CHUNK))], offset)
-        offset += n
-        length -= n
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> bool:
-    if _fallocate is None:
-        return False
-    rc = _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-    return bool(rc == 0)
 
 
 __all__ = ["N_BLK_DEV", "N_BLK_DEV_OP", "BlkDevice", "BlkOptions"]

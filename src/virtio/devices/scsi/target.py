@@ -11,16 +11,14 @@ the next command that is not INQUIRY, REPORT LUNS or REQUEST SENSE.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
 
+from virtio.devices.imagefile import CAN_PUNCH_HOLES, punch_hole, write_zeroes
 from virtio.devices.scsi.wire import report_luns_entry
 
 log = logging.getLogger("virtio.scsi")
@@ -92,25 +90,6 @@ MAX_UNMAP_DESCRIPTORS = 64
 MAX_WRITE_SAME = 1 << 22
 
 VPD_PAGES = (0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2)
-_ZEROS = bytes(1 << 20)
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-
-
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        fn = ctypes.CDLL(name, use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return cast(Callable[[int, int, int, int], int], fn)
-
-
-_fallocate = _load_fallocate()
 
 
 def cdb_length(opcode: int) -> int | None:
@@ -309,7 +288,7 @@ class LogicalUnit:
 
     def _read_capacity_16(self, cdb: bytes) -> bytes:
         last = self.blocks - 1 if self.blocks else 0
-        thin = 0 if self.read_only or _fallocate is None else 0xC0  # LBPME | LBPRZ
+        thin = 0 if self.read_only or not CAN_PUNCH_HOLES else 0xC0  # LBPME | LBPRZ
         data = struct.pack(">QIBBH16s", last, BLOCK_SIZE, 0, 3, thin << 8, b"")
         return data[: struct.unpack_from(">I", cdb, 10)[0]]
 
@@ -408,13 +387,8 @@ class LogicalUnit:
         offset, length = lba * BLOCK_SIZE, count * BLOCK_SIZE
         if not length:
             return
-        if _fallocate is not None:
-            mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-            if _fallocate(self.fd, mode, offset, length) == 0:
-                return
-        end = offset + length
-        while offset < end:
-            offset += os.pwrite(self.fd, _ZEROS[: end - offset], offset)
+        if not punch_hole(self.fd, offset, length):
+            write_zeroes(self.fd, offset, length)
 
 
 def _lba_count(cdb: bytes) -> tuple[int, int]:
@@ -524,7 +498,7 @@ def vpd_page(page: int, unit: LogicalUnit) -> bytes:
         body = struct.pack(">H", 1).ljust(0x3C, b"\0")  # non-rotating medium
     elif page == 0xB2:
         flags = 0 if unit.read_only else 0xE0  # LBPU, LBPWS, LBPWS10
-        if flags and _fallocate is not None:
+        if flags and CAN_PUNCH_HOLES:
             flags |= 0x04  # LBPRZ: unmapped blocks read zeroes
         body = bytes((0, flags, 0x02 if flags else 0, 0))
     else:
