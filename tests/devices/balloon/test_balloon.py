@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -416,6 +417,10 @@ def test_control_socket_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
         def client() -> None:
             answers.append(request(ctl, "set 64K"))
             answers.append(request(ctl, "x" * 400))
+            # The status is asked once the driver has followed the target.
+            deadline = time.monotonic() + 10
+            while device.actual != 16 and time.monotonic() < deadline:
+                time.sleep(0.01)
             answers.append(str(main(["status", "--control", str(ctl)])))
 
         thread = threading.Thread(target=client)
