@@ -521,6 +521,10 @@ class PackedDriverQueue:
         self.in_order = in_order
         self.allocator = allocator
         self.vq_index = vq_index
+        #: Take a used len past the writable bytes as all of them (counted in
+        #: ``overlong_used``) instead of a violation: for devices known to overcount.
+        self.clamp_used_len = False
+        self.overlong_used = 0
         self.reset()
 
     def reset(self) -> None:
@@ -696,6 +700,9 @@ class PackedDriverQueue:
                 )
             if not flags & DESC_F_WRITE:
                 written = 0
+            if written > self._in_len[buf_id] and self.clamp_used_len:
+                self.overlong_used += 1
+                written = self._in_len[buf_id]
             if written > self._in_len[buf_id]:
                 raise RingError(
                     f"used len {written} exceeds the {self._in_len[buf_id]} writable bytes of "

@@ -475,6 +475,10 @@ class SplitDriverQueue:
         self.in_order = in_order
         self.allocator = allocator
         self.vq_index = vq_index
+        #: Take a used len past the writable bytes as all of them (counted in
+        #: ``overlong_used``) instead of a violation: for devices known to overcount.
+        self.clamp_used_len = False
+        self.overlong_used = 0
         self.reset()
 
     def reset(self) -> None:
@@ -651,6 +655,9 @@ class SplitDriverQueue:
             head, written = unpack_elem(used, 4 + ((last & mask) << 3))
             if head >= self.size or self._descs[head] is None:
                 raise RingError(f"used id {head} was never made available", N_USED_RING_DEV)
+            if written > self._in_len[head] and self.clamp_used_len:
+                self.overlong_used += 1
+                written = self._in_len[head]
             if written > self._in_len[head]:
                 raise RingError(
                     f"used len {written} exceeds the {self._in_len[head]} writable bytes of "

@@ -222,7 +222,9 @@ class ConsoleDriver(VirtioDriver):
         elif event == W.PORT_OPEN:
             port.host_open = bool(msg.value)
         elif event == W.PORT_NAME:
-            port.name = msg.extra[: W.MAX_NAME].decode("utf-8", "replace")
+            # The spec says no NUL terminator; QEMU 7.2 sends one: the name ends at a NUL.
+            raw = msg.extra[: W.MAX_NAME].split(b"\0", 1)[0]
+            port.name = raw.decode("utf-8", "replace")
 
     def _bad(self, reason: str) -> None:
         self.bad_controls += 1

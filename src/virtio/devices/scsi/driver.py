@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from virtio.core.driver import VirtioDriver
 from virtio.devices.scsi import wire as W
 from virtio.errors import VirtioError
+from virtio.queue import DriverQueue
 from virtio.spec import features as F
 from virtio.spec.device_ids import DeviceId
 
@@ -100,6 +101,13 @@ class ScsiDriver(VirtioDriver):
     def queues_wanted(self) -> int:
         wanted = 2 + max(1, self._config("num_queues"))
         return min(wanted, self.transport.num_queues())
+
+    def _make_queue(self, index: int, packed: bool) -> DriverQueue:
+        q = super()._make_queue(index, packed)
+        # QEMU's virtio-scsi (7.2) counts a WRITE's data-out bytes in the used len;
+        # nothing past the writable bytes is read, so the excess is ignored.
+        q.clamp_used_len = index >= W.REQUESTQ
+        return q
 
     def setup(self) -> None:
         self.refresh()
