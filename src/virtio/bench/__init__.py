@@ -50,6 +50,10 @@ def main(argv: list[str]) -> int:
         from virtio.bench.netpeers import main as netpeers_main
 
         return netpeers_main(rest)
+    if kind == "vsock-guest":
+        from virtio.bench.vsockguest import main as vsockguest_main
+
+        return vsockguest_main(rest)
     if kind == "dev-guests":
         from virtio.bench.devguests import main as devguests_main
 
