@@ -10,7 +10,7 @@ from virtio.core.device import DeviceHooks, RingOptions, VirtioDevice
 from virtio.devices.blk import BlkDevice, BlkOptions
 from virtio.devices.rng import RngDevice
 from virtio.memory import GuestMemory
-from virtio.queue import Chain, RingLayout
+from virtio.queue import Chain, RingLayout, driver_queue
 from virtio.spec import features as F
 from virtio.spec.status import DeviceStatus as S
 
@@ -181,10 +181,28 @@ def test_config_generation_and_change_notifications() -> None:
 @pytest.mark.normative(N_STATUS_DEV, N_INIT_DRV)
 def test_no_buffers_consumed_before_driver_ok() -> None:
     device, hooks, _memory = rng_with_memory()
-    negotiate(device, 1 << F.VIRTIO_F_VERSION_1)
-    device.notify(0)
+    for status in INIT:
+        device.write_status(status)
+    device.notify(0)  # before FEATURES_OK: the driver broke the sequence
     assert device.status & S.DEVICE_NEEDS_RESET
     assert hooks.used == []
+
+
+@pytest.mark.normative(N_STATUS_DEV)
+def test_a_kick_between_features_ok_and_driver_ok_is_served_at_driver_ok() -> None:
+    # Linux's virtio_balloon kicks its statistics queue before DRIVER_OK.
+    device, hooks, memory = rng_with_memory()
+    negotiate(device, 1 << F.VIRTIO_F_VERSION_1)
+    layout = RingLayout.contiguous(0x1000, 8)
+    device.configure_queue(0, size=8, desc=layout.desc, driver=layout.driver, device=layout.device)
+    device.enable_queue(0)
+    ring = driver_queue(memory, layout)
+    ring.add((), [(0x8000, 16)], "buffer")
+    device.notify(0)
+    assert not device.status & S.DEVICE_NEEDS_RESET
+    assert hooks.used == [] and ring.get_used() == []  # nothing consumed yet
+    device.write_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
+    assert ring.get_used() == [("buffer", 16)]
 
 
 @pytest.mark.normative(N_RESET_DEV)

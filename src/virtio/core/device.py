@@ -202,6 +202,8 @@ class VirtioDevice:
         #: back-end sees VIRTIO_NET_F_MQ without VIRTIO_NET_F_CTRL_VQ).
         self.check_requirements = True
         self._config_change_pending = False
+        #: Queues the driver notified after FEATURES_OK but before DRIVER_OK.
+        self._early_notified: set[int] = set()
         self.offered_features = self.ring_options.feature_bits() | self.device_features()
         problems = F.unmet_requirements(self.device_id, self.offered_features)
         if problems:
@@ -383,6 +385,9 @@ class VirtioDevice:
         if self._config_change_pending:
             self._config_change_pending = False
             self.hooks.notify_config()
+        early, self._early_notified = self._early_notified, set()
+        for index in sorted(early):
+            self.process_queue(index)
 
     def _suspend(self) -> None:
         if not self.has(F.VIRTIO_F_SUSPEND) or not self.status & S.DRIVER_OK:
@@ -555,6 +560,13 @@ class VirtioDevice:
         if status & _NEEDS_RESET:
             return 0
         if not status & _RUNNING:
+            if status & S.FEATURES_OK and 0 <= index < self.queue_count:
+                # Linux's virtio_balloon kicks its stats queue before DRIVER_OK. The
+                # device consumes nothing yet (it MUST NOT before DRIVER_OK) and
+                # serves the queue once the driver sets it.
+                log.info("driver notified queue %d before DRIVER_OK: served at DRIVER_OK", index)
+                self._early_notified.add(index)
+                return 0
             self.fail(f"driver notified queue {index} before DRIVER_OK", N_INIT_DRV)
             return 0
         if not 0 <= index < self.queue_count:
@@ -743,6 +755,7 @@ class VirtioDevice:
         self.queue_count = len(self.queues)
         self.needs_reset_reason = None
         self._config_change_pending = False
+        self._early_notified.clear()
         for q in self.queues:
             if q.deferred:
                 self.quiesce(q.index)  # nothing may touch guest memory after the reset
