@@ -9,6 +9,7 @@ serves those only while a front-end is connected.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import logging
@@ -110,8 +111,27 @@ class LineControl:
             return False
         return True
 
+    #: The commands, for the answer to an empty line ("set SIZE, status").
+    usage = ""
+
     def command(self, line: str) -> str:
-        """The answer to one command line (a device type's own commands)."""
+        """The answer to one command line: a device type's :meth:`answer`, or an error."""
+        words = line.split()
+        if not words:
+            return f"error: empty command ({self.usage})"
+        try:
+            answer = self.answer(words[0].lower(), words[1:])
+        except ValueError as err:
+            return f"error: {err}"
+        if answer is None:
+            return f"error: unknown command {line.strip()[:64]!r}"
+        return answer
+
+    def answer(self, verb: str, args: list[str]) -> str | None:
+        """The answer to ``verb args``; None for a command the device does not know.
+
+        A ValueError's message is answered as ``error: MESSAGE``.
+        """
         raise NotImplementedError
 
 
@@ -128,6 +148,24 @@ def request(path: str | os.PathLike[str], line: str, timeout: float = 10.0) -> s
                 break
             answer += chunk
     return answer.decode("utf-8", "replace").strip()
+
+
+def client_main(
+    argv: list[str], *, prog: str, what: str, commands: tuple[str, ...], value_help: str
+) -> int:
+    """``PROG COMMAND [VALUE] --control PATH``: one command to a control socket."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=f"talk to `virtio serve {prog.split()[-1]} --control PATH`"
+    )
+    p.add_argument("command", choices=commands)
+    p.add_argument("value", nargs="?", help=value_help)
+    p.add_argument("--control", required=True, help=f"the {what}'s control socket")
+    p.add_argument("--timeout", type=float, default=10.0)
+    args = p.parse_args(argv)
+    if args.command == "set" and args.value is None:
+        p.error("set needs a size (e.g. 64M)")
+    line = " ".join(x for x in (args.command, args.value) if x)
+    return client(prog, args.control, line, args.timeout)
 
 
 def client(prog: str, path: str, line: str, timeout: float) -> int:

@@ -16,11 +16,10 @@ client (:func:`main`).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 
-from virtio.control import LineControl, client
+from virtio.control import LineControl, client_main
 from virtio.devices.balloon import wire as W
 from virtio.devices.balloon.device import MAX_PAGES, BalloonDevice
 
@@ -30,60 +29,49 @@ log = logging.getLogger("virtio.balloon")
 class BalloonControl(LineControl):
     """The control socket of one balloon device."""
 
+    usage = "set SIZE, status, stats, hint [stop|done]"
+
     def __init__(self, path: str | os.PathLike[str], device: BalloonDevice) -> None:
         super().__init__(path, device.events)
         self.device = device
         device.closers.append(self.close)
 
-    def command(self, line: str) -> str:
-        """The answer to one command line."""
-        words = line.split()
-        if not words:
-            return "error: empty command (set SIZE, status, stats, hint [stop|done])"
-        verb, args = words[0].lower(), words[1:]
+    def answer(self, verb: str, args: list[str]) -> str | None:
         device = self.device
-        try:
-            if verb == "set" and len(args) == 1:
-                pages = W.pages_for(W.parse_size(args[0]))
-                if pages > MAX_PAGES:
-                    return f"error: {args[0]} is more than the balloon can hold"
-                device.set_target(pages)
-                return f"ok target {W.format_size(pages * W.PAGE_SIZE)} ({pages} pages)"
-            if verb == "status" and not args:
-                c = device.counters
-                return (
-                    f"target={device.target_pages} actual={device.actual} "
-                    f"ballooned={len(device.pages)} stats={c.stats_updates} "
-                    f"inflated={c.inflated} deflated={c.deflated} ignored={c.ignored} "
-                    f"reported={c.reported_bytes} released={c.released_bytes} "
-                    f"hinted={c.hinted_pages} cmd_id={device.cmd_id}"
-                )
-            if verb == "stats" and not args:
-                device.request_stats()
-                return W.format_stats(device.stats)
-            if verb == "hint" and len(args) <= 1:
-                what = args[0].lower() if args else "start"
-                if what == "start":
-                    return f"ok cmd_id {device.start_hinting()}"
-                if what in ("stop", "done"):
-                    device.stop_hinting(done=what == "done")
-                    return f"ok cmd_id {device.cmd_id}"
-        except ValueError as err:
-            return f"error: {err}"
-        return f"error: unknown command {line.strip()[:64]!r}"
+        if verb == "set" and len(args) == 1:
+            pages = W.pages_for(W.parse_size(args[0]))
+            if pages > MAX_PAGES:
+                return f"error: {args[0]} is more than the balloon can hold"
+            device.set_target(pages)
+            return f"ok target {W.format_size(pages * W.PAGE_SIZE)} ({pages} pages)"
+        if verb == "status" and not args:
+            c = device.counters
+            return (
+                f"target={device.target_pages} actual={device.actual} "
+                f"ballooned={len(device.pages)} stats={c.stats_updates} "
+                f"inflated={c.inflated} deflated={c.deflated} ignored={c.ignored} "
+                f"reported={c.reported_bytes} released={c.released_bytes} "
+                f"hinted={c.hinted_pages} cmd_id={device.cmd_id}"
+            )
+        if verb == "stats" and not args:
+            device.request_stats()
+            return W.format_stats(device.stats)
+        if verb == "hint" and len(args) <= 1:
+            what = args[0].lower() if args else "start"
+            if what == "start":
+                return f"ok cmd_id {device.start_hinting()}"
+            if what in ("stop", "done"):
+                device.stop_hinting(done=what == "done")
+                return f"ok cmd_id {device.cmd_id}"
+        return None
 
 
 def main(argv: list[str]) -> int:
     """`virtio balloon set SIZE --control PATH` (and status, stats, hint)."""
-    p = argparse.ArgumentParser(
-        prog="virtio balloon", description="talk to `virtio serve balloon --control PATH`"
+    return client_main(
+        argv,
+        prog="virtio balloon",
+        what="balloon",
+        commands=("set", "status", "stats", "hint"),
+        value_help="set: the target size (64M, 1G); hint: stop|done",
     )
-    p.add_argument("command", choices=("set", "status", "stats", "hint"))
-    p.add_argument("value", nargs="?", help="set: the target size (64M, 1G); hint: stop|done")
-    p.add_argument("--control", required=True, help="the balloon's control socket")
-    p.add_argument("--timeout", type=float, default=10.0)
-    args = p.parse_args(argv)
-    if args.command == "set" and args.value is None:
-        p.error("set needs a size (e.g. 64M)")
-    line = " ".join(x for x in (args.command, args.value) if x)
-    return client("virtio balloon", args.control, line, args.timeout)

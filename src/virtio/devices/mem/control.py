@@ -15,11 +15,10 @@ sockets only while a front-end is connected: commands sent with none wait
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 
-from virtio.control import LineControl, client
+from virtio.control import LineControl, client_main
 from virtio.devices.balloon.wire import format_size, parse_size
 from virtio.devices.mem.device import MemDevice
 
@@ -29,46 +28,35 @@ log = logging.getLogger("virtio.mem")
 class MemControl(LineControl):
     """The control socket of one mem device."""
 
+    usage = "set SIZE, status"
+
     def __init__(self, path: str | os.PathLike[str], device: MemDevice) -> None:
         super().__init__(path, device.events)
         self.device = device
         device.closers.append(self.close)
 
-    def command(self, line: str) -> str:
-        """The answer to one command line."""
-        words = line.split()
-        if not words:
-            return "error: empty command (set SIZE, status)"
-        verb, args = words[0].lower(), words[1:]
+    def answer(self, verb: str, args: list[str]) -> str | None:
         device = self.device
-        try:
-            if verb == "set" and len(args) == 1:
-                size = parse_size(args[0])
-                device.set_requested_size(size)
-                blocks = size // device.block_size
-                return f"ok requested {format_size(size)} ({blocks} blocks)"
-            if verb == "status" and not args:
-                return (
-                    f"requested={device.requested_size} plugged={device.plugged_size} "
-                    f"usable={device.usable_region_size} region={device.region_size} "
-                    f"block={device.block_size} addr={device.addr:#x}"
-                )
-        except ValueError as err:
-            return f"error: {err}"
-        return f"error: unknown command {line.strip()[:64]!r}"
+        if verb == "set" and len(args) == 1:
+            size = parse_size(args[0])
+            device.set_requested_size(size)
+            blocks = size // device.block_size
+            return f"ok requested {format_size(size)} ({blocks} blocks)"
+        if verb == "status" and not args:
+            return (
+                f"requested={device.requested_size} plugged={device.plugged_size} "
+                f"usable={device.usable_region_size} region={device.region_size} "
+                f"block={device.block_size} addr={device.addr:#x}"
+            )
+        return None
 
 
 def main(argv: list[str]) -> int:
     """`virtio mem set SIZE --control PATH` (and `virtio mem status`)."""
-    p = argparse.ArgumentParser(
-        prog="virtio mem", description="talk to `virtio serve mem --control PATH`"
+    return client_main(
+        argv,
+        prog="virtio mem",
+        what="memory device",
+        commands=("set", "status"),
+        value_help="set: the requested size (64M, 1G)",
     )
-    p.add_argument("command", choices=("set", "status"))
-    p.add_argument("value", nargs="?", help="set: the requested size (64M, 1G)")
-    p.add_argument("--control", required=True, help="the memory device's control socket")
-    p.add_argument("--timeout", type=float, default=10.0)
-    args = p.parse_args(argv)
-    if args.command == "set" and args.value is None:
-        p.error("set needs a size (e.g. 64M)")
-    line = " ".join(x for x in (args.command, args.value) if x)
-    return client("virtio mem", args.control, line, args.timeout)
