@@ -29,6 +29,35 @@ from virtio.vm.cpio import CpioWriter
 
 Progress = Callable[[str], None]
 
+
+# The device drivers both guests load (net, console, balloon, vsock, scsi with sd,
+# virtiofs), in dependency order. t10-pi needs crc64-rocksoft in both kernels and,
+# in Debian's, crc-t10dif too (UML has that one built in): inserted before it there.
+def _device_modules(*, crc_t10dif: bool) -> list[str]:
+    crc = ["crct10dif_common", "crct10dif_generic", "crc-t10dif"] if crc_t10dif else []
+    return [
+        "failover",
+        "net_failover",
+        "virtio_net",
+        "virtio_console",
+        "virtio_balloon",
+        "vsock",
+        "vmw_vsock_virtio_transport_common",
+        "vmw_vsock_virtio_transport",
+        "scsi_common",
+        "scsi_mod",
+        *crc,
+        "crc64",
+        "crc64_rocksoft_generic",
+        "crc64-rocksoft",
+        "t10-pi",
+        "sd_mod",
+        "virtio_scsi",
+        "fuse",
+        "virtiofs",
+    ]
+
+
 # Modules for the QEMU guest, in an order that satisfies their dependencies
 # (checked against each module's own "depends=" when the initramfs is built).
 QEMU_MODULES = [
@@ -40,27 +69,7 @@ QEMU_MODULES = [
     "virtio_mmio",
     "virtio_blk",
     "virtio-rng",  # the file's name; the module is virtio_rng
-    "failover",
-    "net_failover",
-    "virtio_net",
-    "virtio_console",
-    "virtio_balloon",
-    "vsock",
-    "vmw_vsock_virtio_transport_common",
-    "vmw_vsock_virtio_transport",
-    "scsi_common",
-    "scsi_mod",
-    "crct10dif_common",
-    "crct10dif_generic",
-    "crc-t10dif",
-    "crc64",
-    "crc64_rocksoft_generic",
-    "crc64-rocksoft",
-    "t10-pi",
-    "sd_mod",
-    "virtio_scsi",
-    "fuse",
-    "virtiofs",
+    *_device_modules(crc_t10dif=True),
     "netfs",
     "fscache",
     "9pnet",
@@ -72,27 +81,7 @@ QEMU_MODULES = [
     "crc32c_generic",
     "ext4",
 ]
-UML_MODULES = [
-    "virtio_blk",
-    "failover",
-    "net_failover",
-    "virtio_net",
-    "virtio_console",
-    "virtio_balloon",
-    "vsock",
-    "vmw_vsock_virtio_transport_common",
-    "vmw_vsock_virtio_transport",
-    "scsi_common",
-    "scsi_mod",
-    "crc64",
-    "crc64_rocksoft_generic",
-    "crc64-rocksoft",
-    "t10-pi",
-    "sd_mod",
-    "virtio_scsi",
-    "fuse",
-    "virtiofs",
-]
+UML_MODULES = ["virtio_blk", *_device_modules(crc_t10dif=False)]
 UML_BINARY = "/usr/bin/linux.uml"
 UML_MODULES_DIR = Path("/usr/lib/uml/modules")
 BUSYBOX = Path("/bin/busybox")
