@@ -133,6 +133,27 @@ _ADDRESS = {
     R.QUEUE_DEVICE_HIGH: ("queue_device", 32),
 }
 _LOW32 = 0xFFFFFFFF
+# Registers that are the seam's attribute of the same meaning, read or written as is.
+_SEAM_READS = {
+    R.DEVICE_ID: "device_id",
+    R.DEVICE_FEATURES: "device_feature",
+    R.QUEUE_SIZE_MAX: "queue_max_size",
+    R.QUEUE_READY: "queue_enable",
+    R.QUEUE_PFN: "queue_pfn",
+    R.INTERRUPT_STATUS: "interrupt_status",
+    R.STATUS: "status",
+    R.QUEUE_RESET: "queue_reset",
+    R.CONFIG_GENERATION: "config_generation",
+}
+_SEAM_WRITES = {
+    R.DEVICE_FEATURES_SEL: "device_feature_select",
+    R.DRIVER_FEATURES: "driver_feature",
+    R.DRIVER_FEATURES_SEL: "driver_feature_select",
+    R.QUEUE_SEL: "queue_select",
+    R.QUEUE_RESET: "queue_reset",
+    R.QUEUE_ALIGN: "queue_align",
+    R.QUEUE_PFN: "queue_pfn",
+}
 
 
 class MmioDevice:
@@ -242,30 +263,15 @@ class MmioDevice:
 
     def _read(self, reg: Reg) -> int:
         regs = self.registers
+        seam = _SEAM_READS.get(reg)
+        if seam is not None:
+            return int(getattr(regs, seam))
         if reg is R.MAGIC_VALUE:
             return MAGIC
         if reg is R.VERSION:
             return self.version
-        if reg is R.DEVICE_ID:
-            return regs.device_id
         if reg is R.VENDOR_ID:
             return VENDOR_ID
-        if reg is R.DEVICE_FEATURES:
-            return regs.device_feature
-        if reg is R.QUEUE_SIZE_MAX:
-            return regs.queue_max_size
-        if reg is R.QUEUE_READY:
-            return regs.queue_enable
-        if reg is R.QUEUE_PFN:
-            return regs.queue_pfn
-        if reg is R.INTERRUPT_STATUS:
-            return regs.interrupt_status
-        if reg is R.STATUS:
-            return regs.status
-        if reg is R.QUEUE_RESET:
-            return regs.queue_reset
-        if reg is R.CONFIG_GENERATION:
-            return regs.config_generation
         # The shared memory registers.
         region = next((r for r in regs.shared_memory_regions if r.id == self.shm_select), None)
         if reg in (R.SHM_LEN_LOW, R.SHM_LEN_HIGH):
@@ -279,14 +285,9 @@ class MmioDevice:
         if reg in _QUEUE_CONFIG and regs.queue_enable:
             self._refuse(f"driver wrote {reg.name} of queue {regs.queue_select} while it is ready")
             return
-        if reg is R.DEVICE_FEATURES_SEL:
-            regs.device_feature_select = value
-        elif reg is R.DRIVER_FEATURES:
-            regs.driver_feature = value
-        elif reg is R.DRIVER_FEATURES_SEL:
-            regs.driver_feature_select = value
-        elif reg is R.QUEUE_SEL:
-            regs.queue_select = value
+        seam = _SEAM_WRITES.get(reg)
+        if seam is not None:
+            setattr(regs, seam, value)
         elif reg is R.QUEUE_SIZE:
             if value > regs.queue_max_size:
                 self._refuse(f"QueueSize {value} > QueueSizeMax {regs.queue_max_size}")
@@ -312,17 +313,11 @@ class MmioDevice:
                 self._update_line()  # a reset clears InterruptStatus
         elif reg is R.SHM_SEL:
             self.shm_select = value
-        elif reg is R.QUEUE_RESET:
-            regs.queue_reset = value
         elif reg is R.GUEST_PAGE_SIZE:
             if value == 0 or value & (value - 1):
                 self._refuse(f"GuestPageSize {value} is not a power of 2")
                 return
             regs.guest_page_size = value
-        elif reg is R.QUEUE_ALIGN:
-            regs.queue_align = value
-        elif reg is R.QUEUE_PFN:
-            regs.queue_pfn = value
 
 
 class MmioBus(Protocol):
