@@ -513,7 +513,6 @@ class NetDevice(VirtioDevice):
     # -- transmit -------------------------------------------------------------------------
 
     def _transmit(self, queue_index: int, chain: Chain) -> None:
-        c = self.counters
         size = self._hdr_size
         if chain.write_len:
             self.fail("transmit buffer has device-writable parts", N_FRAMING_DRV)
@@ -524,21 +523,10 @@ class NetDevice(VirtioDevice):
         if W.ETH_HLEN <= n <= self._plain_max and not data[0] and not data[1]:
             # The common frame: no flags, no GSO, within the MTU. Nothing in the
             # header needs reading or checking.
-            frame = data[size:]
-            if self.queue_pairs > 1:
-                self._learn_flow(frame, queue_index >> 1)
-            c.tx_frames += 1
-            c.tx_bytes += n
-            qs.packets += 1
-            qs.bytes += n
-            qs.csum_none += 1
-            self.backend.transmit(_PLAIN, frame)
+            self._send_plain(queue_index, qs, data[size:])
             return
         if len(data) < size:
-            c.tx_dropped += 1
-            c.drop("tx: buffer shorter than the header")
-            qs.drops += 1
-            qs.drop_malformed += 1
+            self._drop_tx(qs, "buffer shorter than the header")
             return
         hdr = W.decode_header(data, size, self.byteorder)
         frame = data[size:]
@@ -547,32 +535,23 @@ class NetDevice(VirtioDevice):
         )
         if reason is not None:
             # The device MUST NOT accept such a packet: it is dropped, the buffer used.
-            c.tx_dropped += 1
-            c.drop(f"tx: {reason}")
-            qs.drops += 1
-            qs.drop_malformed += 1
             log.debug("dropping a transmitted frame: %s", reason)
+            self._drop_tx(qs, reason)
+            return
+        if hdr.gso_type == W.GSO_NONE and not hdr.flags & W.HDR_F_NEEDS_CSUM:
+            self._send_plain(queue_index, qs, frame)
             return
         if self.queue_pairs > 1:
-            self._learn_flow(frame, queue_index // 2)
+            self._learn_flow(frame, queue_index >> 1)
+        c = self.counters
         backend = self.backend
-        if hdr.gso_type == W.GSO_NONE and not hdr.flags & W.HDR_F_NEEDS_CSUM:
-            c.tx_frames += 1
-            c.tx_bytes += len(frame)
-            qs.packets += 1
-            qs.bytes += len(frame)
-            qs.csum_none += 1
-            backend.transmit(_PLAIN, frame)
-            return
         if hdr.gso_type:
             c.tx_gso += 1
         accept = offload.host_to_guest_bits(backend.tx_offloads)
         try:
             frames = offload.adapt(hdr, frame, accept)
         except offload.OffloadError as err:
-            c.tx_dropped += 1
-            c.drop(f"tx: {err}")
-            qs.drops += 1
+            self._drop_tx(qs, str(err), malformed=False)
             return
         if len(frames) > 1:
             c.tx_segmented += 1
@@ -596,6 +575,27 @@ class NetDevice(VirtioDevice):
             qs.packets += 1
             qs.bytes += len(out)
             backend.transmit(out_hdr, out)
+
+    def _send_plain(self, queue_index: int, qs: stats.TxStats, frame: bytes) -> None:
+        """A frame that needs nothing done to it: count it and hand it over."""
+        if self.queue_pairs > 1:
+            self._learn_flow(frame, queue_index >> 1)
+        c = self.counters
+        n = len(frame)
+        c.tx_frames += 1
+        c.tx_bytes += n
+        qs.packets += 1
+        qs.bytes += n
+        qs.csum_none += 1
+        self.backend.transmit(_PLAIN, frame)
+
+    def _drop_tx(self, qs: stats.TxStats, reason: str, *, malformed: bool = True) -> None:
+        c = self.counters
+        c.tx_dropped += 1
+        c.drop(f"tx: {reason}")
+        qs.drops += 1
+        if malformed:
+            qs.drop_malformed += 1
 
     def _mtu(self) -> int | None:
         return self.mtu if self.has(W.MTU) else None
