@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ BALLOON = "Device Types / Memory Balloon Device"
 N_OP_DEV = f"devicenormative:{BALLOON} / Device Operation"
 N_OP_DRV = f"drivernormative:{BALLOON} / Device Operation"
 N_FEAT_DRV = f"drivernormative:{BALLOON} / Feature bits"
+N_FEAT_DEV = f"devicenormative:{BALLOON} / Feature bits"
 N_STATS_DEV = f"devicenormative:{BALLOON} / Device Operation / Memory Statistics"
 N_STATS_DRV = f"drivernormative:{BALLOON} / Device Operation / Memory Statistics"
 N_HINT_DEV = f"devicenormative:{BALLOON} / Device Operation / Free Page Hinting"
@@ -362,12 +364,81 @@ def test_reported_pages_keep_the_poison_value() -> None:
         assert until(driver, lambda: device.actual == 0)
 
 
+@pytest.mark.normative(N_FEAT_DRV)
 def test_a_driver_without_poison_declines_the_feature() -> None:
     device = BalloonDevice()
     with Loopback(device) as lb:
         driver = BalloonDriver(lb)
         driver.initialize()
+        assert driver.has(W.MUST_TELL_HOST)
         assert not driver.has(W.PAGE_POISON) and driver.has(W.PAGE_REPORTING)
+
+
+@pytest.mark.normative(N_FEAT_DRV)
+def test_a_poisoning_driver_reports_pages_only_with_page_poison() -> None:
+    # The driver keeps poison_val in its free pages: without PAGE_POISON the
+    # device could change reported pages, so reporting is declined.
+    device = BalloonDevice(page_poison=False)
+    with Loopback(device) as lb:
+        driver = BalloonDriver(lb, poison_val=0x5A5A5A5A)
+        driver.initialize()
+        assert driver.has(W.MUST_TELL_HOST)
+        assert not driver.has(W.PAGE_POISON) and not driver.has(W.PAGE_REPORTING)
+        assert W.REPORTING_VQ not in device.roles
+        with pytest.raises(NegotiationError, match="reporting_vq"):
+            driver.report_free_pages(1)
+        plain = BalloonDriver(lb)
+        plain.initialize()
+        assert plain.has(W.PAGE_REPORTING) and not plain.has(W.PAGE_POISON)
+        assert plain.report_free_pages(2) == 2
+    device = BalloonDevice()
+    with Loopback(device) as lb:
+        driver = BalloonDriver(lb, poison_val=0x5A5A5A5A)
+        driver.initialize()
+        assert driver.has(W.PAGE_POISON) and driver.has(W.PAGE_REPORTING)
+
+
+@pytest.mark.normative(N_FEAT_DEV)
+def test_removed_pages_need_a_driver_that_tells_the_host(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # MADV_REMOVE loses the pages' contents: MUST_TELL_HOST is then required.
+    device = BalloonDevice(release="remove", target_pages=4)
+    assert device.require_must_tell_host
+    with Loopback(device, memfd=True) as lb:
+        driver = BalloonDriver(lb, avoid_features=1 << W.MUST_TELL_HOST)
+        with caplog.at_level("INFO"), pytest.raises(NegotiationError, match="refused"):
+            driver.initialize()
+        assert not lb.read_status() & S.FEATURES_OK
+        assert "refusing FEATURES_OK" in caplog.text and "MUST_TELL_HOST" in caplog.text
+        assert "release remove" in caplog.text and N_FEAT_DEV in caplog.text
+        # A driver that accepts it is served.
+        driver = BalloonDriver(lb)
+        driver.initialize()
+        assert driver.has(W.MUST_TELL_HOST) and driver.follow() == 4
+    # Pages that keep their contents (or a device told not to care): no refusal.
+    for kw in ({"release": "dontneed"}, {"release": "remove", "require_must_tell_host": False}):
+        device = BalloonDevice(target_pages=4, **kw)
+        with Loopback(device, memfd=True) as lb:
+            driver = BalloonDriver(lb, avoid_features=1 << W.MUST_TELL_HOST)
+            driver.initialize()
+            assert not driver.has(W.MUST_TELL_HOST) and driver.follow() == 4
+    # Nothing to refuse when the bit is not offered.
+    device = BalloonDevice(release="remove", must_tell_host=False)
+    assert not device.require_must_tell_host
+    with Loopback(device, memfd=True) as lb:
+        BalloonDriver(lb).initialize()
+        assert lb.read_status() & S.DRIVER_OK
+
+
+def test_a_legacy_driver_without_must_tell_host_is_served() -> None:
+    # A legacy interface cannot refuse features: such guests must be supported.
+    device = BalloonDevice(release="remove", target_pages=4)
+    with Loopback(device, memfd=True, legacy=True) as lb:
+        driver = BalloonDriver(lb, avoid_features=1 << W.MUST_TELL_HOST)
+        driver.initialize()
+        assert not driver.has(W.MUST_TELL_HOST) and driver.follow() == 4
+        assert not lb.read_status() & S.DEVICE_NEEDS_RESET
 
 
 def test_reset_gives_every_page_back() -> None:
@@ -434,12 +505,43 @@ def test_control_socket_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["stats", "--control", str(ctl)]) == 1  # nobody listens any more
 
 
+def test_control_socket_survives_garbage(tmp_path: Path) -> None:
+    device = BalloonDevice()
+    ctl = tmp_path / "ctl"
+    BalloonControl(ctl, device)
+    with Loopback(device, threaded=True):
+        garbage = b"\xff\xfe\x00set\x00 1M\r\n\n\x1b[2Jstatus now\nset \xd9\xa3K\nset " + b"9" * 200
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(ctl))
+            sock.sendall(garbage + b"\nhint\n")
+            answers = b""
+            while answers.count(b"\n") < 6:
+                chunk = sock.recv(4096)
+                assert chunk, answers
+                answers += chunk
+        lines = answers.decode().splitlines()
+        assert [line.split(":")[0] for line in lines[:3]] == ["error"] * 3, lines
+        assert "unknown command" in lines[0] and "empty" in lines[1]
+        assert "\x1b" not in lines[2]  # echoed escaped, never raw
+        assert lines[3] == "ok target 4.0K (1 pages)"  # an Arabic-Indic 3 is a digit
+        assert "more than the balloon can hold" in lines[4]
+        assert lines[5] == "ok cmd_id 2"
+        # A client that leaves mid-line loses nothing for the others.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(ctl))
+            sock.sendall(b"set 4")
+        assert request(ctl, "set 8K") == "ok target 8.0K (2 pages)"
+    device.close()
+
+
 def test_serve_options(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     O.add_arguments(parser)
     args = parser.parse_args(
         ["--target", "8M", "--control", str(tmp_path / "c"), "--no-free-page-hint"]
     )
+    assert args.require_must_tell_host is None
     assert O.num_queues(args) == 4
     device = O.from_arguments(args, DeviceSettings())
     try:
@@ -447,7 +549,17 @@ def test_serve_options(tmp_path: Path) -> None:
         assert device.target_pages == 2048 and (tmp_path / "c").is_socket()
         assert not device.offered_features >> W.FREE_PAGE_HINT & 1
         assert "FREE_PAGE_HINT" not in device.describe()
+        assert not device.require_must_tell_host  # release dontneed keeps the contents
     finally:
+        device.close()
+    for flags, required in (
+        (["--release", "remove"], True),
+        (["--release", "remove", "--no-require-must-tell-host"], False),
+        (["--require-must-tell-host"], True),
+    ):
+        device = O.from_arguments(parser.parse_args(flags), DeviceSettings())
+        assert isinstance(device, BalloonDevice)
+        assert device.require_must_tell_host is required
         device.close()
     for bad in (["--target", "much"], ["--stats-interval", "-1"], ["--target", "100T"]):
         with pytest.raises(ValueError):

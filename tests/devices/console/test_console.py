@@ -14,9 +14,10 @@ import pytest
 
 from virtio.devices.console import ConsoleDevice, ConsoleDriver
 from virtio.devices.console import wire as W
-from virtio.devices.console.device import INPUT_LIMIT
+from virtio.devices.console.device import INPUT_LIMIT, MAX_PORTS
 from virtio.devices.console.host import LogHost, MemoryHost, PtyHost, UnixHost
 from virtio.errors import NegotiationError
+from virtio.layout import ByteOrder
 from virtio.spec.status import DeviceStatus as S
 from virtio.transport.loopback import Loopback
 
@@ -125,6 +126,23 @@ def test_emergency_write_on_an_unconfigured_device() -> None:
         assert host.output == b"!ok" and device.emergency == b"!ok"
         assert not lb.read_status() & S.DEVICE_NEEDS_RESET
         assert lb.read_config(W.CFG_EMERG_WR, 4) == bytes(4)
+
+
+@pytest.mark.normative(N_INIT_DEV)
+@pytest.mark.parametrize("order", ["little", "big"])
+def test_partial_emergency_writes_never_fail_an_unconfigured_device(order: ByteOrder) -> None:
+    # Only the lower byte is a character; the other bytes of emerg_wr are ignored.
+    host = MemoryHost()
+    device = ConsoleDevice([host])
+    with Loopback(device, legacy=order == "big", legacy_order=order) as lb:
+        low = W.CFG_EMERG_WR + (3 if order == "big" else 0)
+        high = W.CFG_EMERG_WR + (0 if order == "big" else 3)
+        lb.write_config(high, b"\x41")
+        lb.write_config(W.CFG_EMERG_WR + 1, b"\x42\x43")
+        assert host.output == b"" and lb.read_status() == 0
+        lb.write_config(low, b"Z")
+        assert host.output == b"Z" and device.emergency == b"Z"
+        assert lb.read_status() == 0 and device.needs_reset_reason is None
 
 
 def test_emergency_write_not_offered() -> None:
@@ -538,6 +556,12 @@ def test_pty_output_nobody_reads_is_bounded() -> None:
 # -- options ---------------------------------------------------------------------------------
 
 
+def test_the_queues_of_max_ports_fit_num_queues() -> None:
+    assert W.queue_count(MAX_PORTS, True) == 65534
+    with pytest.raises(ValueError, match="max_ports 32767"):
+        ConsoleDevice([MemoryHost()], max_ports=MAX_PORTS + 1)
+
+
 def test_serve_options(tmp_path: Path) -> None:
     import argparse
 
@@ -561,6 +585,7 @@ def test_serve_options(tmp_path: Path) -> None:
         ["--ports", "2", "--name", "a", "--name", "b"],
         ["--cols", "70000"],
         ["--ports", "3", "--max-ports", "2"],
+        ["--max-ports", "32767"],  # 65536 queues: more than num_queues can say
     ):
         with pytest.raises(ValueError):
             options.from_arguments(p.parse_args(bad), DeviceSettings())

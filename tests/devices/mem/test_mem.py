@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 from pathlib import Path
 
@@ -374,7 +375,7 @@ def test_serve_options(tmp_path: Path) -> None:
     O.add_arguments(parser)
     geometry = ["--size", "1G", "--block-size", "4M", "--addr", "0x140000000"]
     rest = ["--requested", "64M", "--node-id", "1", "--control", str(tmp_path / "c")]
-    args = parser.parse_args([*geometry, *rest, "--persistent-suspend"])
+    args = parser.parse_args([*geometry, *rest, "--persistent-suspend", "--discard"])
     device = O.from_arguments(args, DeviceSettings())
     try:
         assert isinstance(device, MemDevice)
@@ -384,7 +385,7 @@ def test_serve_options(tmp_path: Path) -> None:
             0x140000000,
         )
         assert device.requested_size == 64 * MB and (tmp_path / "c").is_socket()
-        assert device.offered_features >> W.F_PERSISTENT_SUSPEND & 1
+        assert device.offered_features >> W.F_PERSISTENT_SUSPEND & 1 and device.discard
         assert "1024 MiB" in device.describe()
     finally:
         device.close()
@@ -414,3 +415,94 @@ def test_over_pci_with_a_config_interrupt_and_the_block_hook() -> None:
     assert seen[:4] == [(i, 1, True) for i in range(4)] and seen[4] == (1, 1, False)
     assert driver.unplug_all() == W.RESP_ACK
     assert seen[-1] == (0, 32, False)
+
+
+# -- the region's memory ------------------------------------------------------------------
+
+
+def block_data(index: int) -> bytes:
+    """A block's own pattern: its index everywhere, and marks at both ends."""
+    return b"<" + bytes([index + 0x40]) * (BS - 2) + b">"
+
+
+@pytest.mark.normative(N_OP_DEV)
+@pytest.mark.parametrize("discard", [False, True], ids=["keep", "discard"])
+def test_plugged_memory_is_never_touched_and_unplugged_stays_readable(discard: bool) -> None:
+    # The loopback's guest memory holds the region (shared memory, as a VMM maps it).
+    device = make(requested_size=16 * MB, discard=discard)
+    with Loopback(device, memfd=True) as lb:
+        _region, fd = lb.guest.add_memfd(BASE, 64 * MB, name="mem-region")
+        os.close(fd)
+        driver = MemDriver(lb, avoid_features=1 << W.F_UNPLUGGED_INACCESSIBLE)
+        driver.initialize()
+        assert not driver.has(W.F_UNPLUGGED_INACCESSIBLE)
+        usable = driver.config().usable_region_size // BS
+        assert driver.plug(BASE, 8) == W.RESP_ACK
+        # Plugged blocks can be read and written.
+        for i in range(8):
+            lb.memory.write(BASE + i * BS, block_data(i))
+        # Every request leaves plugged memory alone, neighbours of unplugged blocks too.
+        assert driver.unplug(BASE + 2 * BS, 2) == W.RESP_ACK
+        assert driver.state(BASE, usable) == (W.RESP_ACK, W.STATE_MIXED)
+        assert driver.plug(BASE + BS, 2) == W.RESP_ERROR  # block 1 is still plugged
+        assert driver.plug(BASE, 1) == W.RESP_ERROR  # already plugged: nothing changes
+        assert driver.unplug(BASE + 2 * BS, 1) == W.RESP_ERROR  # already unplugged
+        assert driver.unplug(BASE + 7 * BS, 2) == W.RESP_ERROR  # block 8 is unplugged
+        device.set_requested_size(20 * MB)
+        driver.suspend()
+        driver.resume()
+        for i in (0, 1, 4, 5, 6, 7):
+            assert lb.memory.read(BASE + i * BS, BS) == block_data(i), i
+        # Unplugged blocks inside the usable region stay readable (through the CPU).
+        for i in (2, 3, *range(8, usable)):
+            data = lb.memory.read(BASE + i * BS, BS)
+            if i in (2, 3):
+                assert data == (bytes(BS) if discard else block_data(i))
+            else:
+                assert data == bytes(BS)  # never plugged, never written
+        assert device.discarded_bytes == (2 * BS if discard else 0)
+        # Plugged again, blocks 2 and 3 are writable; the rest are still intact.
+        assert driver.plug(BASE + 2 * BS, 2) == W.RESP_ACK
+        for i in (2, 3):
+            lb.memory.write(BASE + i * BS, block_data(i))
+        for i in range(8):
+            assert lb.memory.read(BASE + i * BS, BS) == block_data(i), i
+        # UNPLUG ALL gives everything back (or nothing at all without discard).
+        assert driver.unplug_all() == W.RESP_ACK
+        expect = [bytes(BS) if discard else block_data(i) for i in range(8)]
+        assert [lb.memory.read(BASE + i * BS, BS) for i in range(8)] == expect
+        assert device.discarded_bytes == (10 * BS if discard else 0)
+        assert not lb.read_status() & S.DEVICE_NEEDS_RESET
+
+
+def test_discard_keeps_to_unplugged_blocks_smaller_than_a_page() -> None:
+    # Blocks of 1 KiB: only host pages wholly made of unplugged blocks go.
+    kb = 1024
+    device = MemDevice(
+        region_size=64 * kb, block_size=kb, addr=BASE, requested_size=64 * kb, discard=True
+    )
+    with Loopback(device, memfd=True) as lb:
+        _region, fd = lb.guest.add_memfd(BASE, 64 * kb, name="mem-region")
+        os.close(fd)
+        driver = MemDriver(lb)
+        driver.initialize()
+        assert driver.plug(BASE, 64) == W.RESP_ACK
+        lb.memory.write(BASE, b"\xa5" * 64 * kb)
+        assert driver.unplug(BASE + 3 * kb, 2) == W.RESP_ACK  # inside one 4 KiB page
+        assert driver.unplug(BASE + 8 * kb, 8) == W.RESP_ACK  # two whole pages
+        assert device.discarded_bytes == 8 * kb
+        data = lb.memory.read(BASE, 64 * kb)
+        assert data[: 8 * kb] == b"\xa5" * 8 * kb
+        assert data[8 * kb : 16 * kb] == bytes(8 * kb)
+        assert data[16 * kb :] == b"\xa5" * 48 * kb
+
+
+def test_discard_without_the_region_in_guest_memory_does_nothing() -> None:
+    device = make(requested_size=8 * MB, discard=True)
+    with Loopback(device, memfd=True) as lb:  # the region (at 4 GiB) is not mapped here
+        driver = MemDriver(lb)
+        driver.initialize()
+        assert driver.plug(BASE, 4) == W.RESP_ACK
+        assert driver.unplug(BASE, 2) == W.RESP_ACK and driver.unplug_all() == W.RESP_ACK
+        assert device.discarded_bytes == 0 and device.plugged_size == 0
+        assert not lb.read_status() & S.DEVICE_NEEDS_RESET

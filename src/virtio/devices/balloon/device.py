@@ -11,6 +11,10 @@ new statistics, on a timer asked of the host (``self.events``). Free page
 hinting follows the command id protocol in the config space: the host starts
 a round (:meth:`BalloonDevice.start_hinting`), the driver sends the id and
 then pages, the host ends it with STOP or DONE.
+
+With ``release="remove"`` the device refuses FEATURES_OK to a driver that
+declines VIRTIO_BALLOON_F_MUST_TELL_HOST (``require_must_tell_host``): the
+removed pages' contents are gone for the guest too.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ N_STATS_DRV = f"drivernormative:{BALLOON} / Device Operation / Memory Statistics
 N_HINT_DRV = f"drivernormative:{BALLOON} / Device Operation / Free Page Hinting"
 N_POISON_DRV = f"drivernormative:{BALLOON} / Device Operation / Page Poison"
 N_REPORT_DRV = f"drivernormative:{BALLOON} / Device Operation / Free Page Reporting"
+N_FEATURES_DEV = f"devicenormative:{BALLOON} / Feature bits"
 
 #: The largest num_pages: a le32.
 MAX_PAGES = 0xFFFFFFFF
@@ -72,6 +77,7 @@ class BalloonDevice(VirtioDevice):
         page_poison: bool = True,
         page_reporting: bool = True,
         release: Release = "dontneed",
+        require_must_tell_host: bool | None = None,
         on_stats: Callable[[dict[int, int]], None] | None = None,
         queue_max_size: int = 128,
         ring: RingOptions | None = None,
@@ -85,6 +91,12 @@ class BalloonDevice(VirtioDevice):
         self.target_pages = target_pages
         self.stats_interval = stats_interval
         self.release_mode: Release = release
+        # MADV_REMOVE punches the pages out of the shared memory: the guest loses
+        # their contents too. Then only a driver that tells the host before it
+        # uses balloon pages is accepted (None: decided by the release mode).
+        if require_must_tell_host is None:
+            require_must_tell_host = release == "remove"
+        self.require_must_tell_host = require_must_tell_host and must_tell_host
         self.on_stats = on_stats
         self._offer = 0
         for enabled, bit in (
@@ -133,6 +145,15 @@ class BalloonDevice(VirtioDevice):
 
     def queues_for_features(self, features: int) -> int:
         return len(W.queue_roles(features))
+
+    def validate_features(self, features: int) -> str | None:
+        # Only reached through FEATURES_OK: a legacy driver is served without the bit.
+        if self.require_must_tell_host and not features >> W.MUST_TELL_HOST & 1:
+            return (
+                "driver did not accept VIRTIO_BALLOON_F_MUST_TELL_HOST, and inflated pages "
+                f"lose their contents (release {self.release_mode}) [{N_FEATURES_DEV}]"
+            )
+        return None
 
     def on_features_ok(self) -> None:
         self.roles = W.queue_roles(self.negotiated)

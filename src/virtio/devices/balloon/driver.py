@@ -38,7 +38,8 @@ class BalloonDriver(VirtioDriver):
         super().__init__(
             transport, features=features, queue_size=queue_size, avoid_features=avoid_features
         )
-        #: The value written to pages leaving the balloon (None: PAGE_POISON declined).
+        #: The value written to pages leaving the balloon, and kept in free pages
+        #: (None: PAGE_POISON declined, free pages' contents are not expected).
         self.poison_val = poison_val
         self.stats_source = stats or self._allocator_stats
         #: Guest addresses of the pages in the balloon, in the order given.
@@ -58,6 +59,14 @@ class BalloonDriver(VirtioDriver):
             # Only a driver that writes poison_val to freed pages may accept it.
             bits |= 1 << W.PAGE_POISON
         return bits
+
+    def choose_features(self, offered: int) -> int:
+        accept = super().choose_features(offered)
+        if self.poison_val is not None and not accept >> W.PAGE_POISON & 1:
+            # Free pages are expected to hold poison_val: reported without PAGE_POISON,
+            # the device could change them, so no free page reporting then.
+            accept &= ~(1 << W.PAGE_REPORTING)
+        return accept
 
     def queues_wanted(self) -> int:
         return len(W.queue_roles(self.negotiated))

@@ -37,6 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "madvise MADV_DONTNEED (default), MADV_REMOVE (frees the memory; the pages read "
         "as zeroes), or nothing",
     )
+    p.add_argument(
+        "--require-must-tell-host",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refuse FEATURES_OK to a driver that declines VIRTIO_BALLOON_F_MUST_TELL_HOST "
+        "(default: only with --release remove, which loses the pages' contents)",
+    )
     for name, what in (
         ("must-tell-host", "VIRTIO_BALLOON_F_MUST_TELL_HOST"),
         ("deflate-on-oom", "VIRTIO_BALLOON_F_DEFLATE_ON_OOM"),
@@ -67,6 +74,7 @@ def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> Virtio
         page_poison=args.page_poison,
         page_reporting=args.page_reporting,
         release=args.release,
+        require_must_tell_host=args.require_must_tell_host,
         queue_max_size=min(settings.queue_max_size, 128),
         ring=settings.ring,
     )

@@ -39,6 +39,8 @@ N_MULTI_DRV = f"drivernormative:{CONSOLE} / Device Operation / Multiport Device 
 
 #: Host input held per port before its host side is asked to stop reading.
 INPUT_LIMIT = 64 << 10
+#: The most ports: their queues (2 * MAX_PORTS + 2) fit a le16 num_queues.
+MAX_PORTS = 0x7FFE
 #: Control messages waiting for control receive buffers before new ones are dropped.
 CONTROL_BACKLOG = 1024
 
@@ -83,7 +85,8 @@ class ConsoleDevice(VirtioDevice):
         if not hosts:
             raise ValueError("a console needs at least port 0")
         self.max_ports = max_ports if max_ports is not None else len(hosts)
-        if not 1 <= self.max_ports <= 0x7FFF or len(hosts) > self.max_ports:
+        # 2 queues a port and 2 control queues: num_queues is a le16 (at most 65535).
+        if not 1 <= self.max_ports <= MAX_PORTS or len(hosts) > self.max_ports:
             raise ValueError(f"{len(hosts)} ports with max_ports {self.max_ports}")
         self.multiport = self.max_ports > 1 if multiport is None else multiport
         if not self.multiport and self.max_ports > 1:
@@ -151,8 +154,12 @@ class ConsoleDevice(VirtioDevice):
     def write_config(self, offset: int, data: bytes) -> None:
         # emerg_wr works at any time, even before the driver negotiated anything.
         low = W.CFG_EMERG_WR + (3 if self.byteorder == "big" else 0)
-        if self.emerg_write and offset <= low < offset + len(data) and offset >= W.CFG_EMERG_WR:
-            self._emergency(data[low - offset])
+        end = offset + len(data)
+        if self.emerg_write and offset >= W.CFG_EMERG_WR and end <= W.CFG_EMERG_WR + 4:
+            # Bytes of emerg_wr without its lower byte carry no character: ignored,
+            # and never an error, whatever the device's state.
+            if offset <= low < end:
+                self._emergency(data[low - offset])
             return
         super().write_config(offset, data)
 

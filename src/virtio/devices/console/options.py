@@ -18,7 +18,7 @@ from pathlib import Path
 
 from virtio.core.device import VirtioDevice
 from virtio.devices.console import wire as W
-from virtio.devices.console.device import ConsoleDevice
+from virtio.devices.console.device import MAX_PORTS, ConsoleDevice
 from virtio.devices.console.host import (
     LogHost,
     MemoryHost,
@@ -98,8 +98,8 @@ def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> Virtio
     if not 1 <= args.ports <= 0x7FFF:
         raise ValueError("--ports must be 1..32767")
     max_ports = args.max_ports or args.ports
-    if max_ports < args.ports or max_ports > 0x7FFF:
-        raise ValueError("--max-ports must be at least --ports and at most 32767")
+    if max_ports < args.ports or max_ports > MAX_PORTS:
+        raise ValueError(f"--max-ports must be at least --ports and at most {MAX_PORTS}")
     if len(args.name) > args.ports - 1:
         raise ValueError(f"{len(args.name)} --name for {args.ports - 1} named ports")
     if not (0 <= args.cols <= 0xFFFF and 0 <= args.rows <= 0xFFFF):

@@ -10,8 +10,11 @@ notifies the driver. Block states survive a device reset (the spec forbids
 changing them then); :meth:`MemDevice.system_reset` is the one place they
 all go back to unplugged.
 
-The memory itself is the guest's: a VMM maps the region. The device model
-only keeps the accounting, so it serves any transport.
+The memory itself is the guest's: a VMM maps the region, and the device
+never writes to it. With ``discard`` the device gives the memory of blocks
+it unplugs back to the host (``MADV_REMOVE`` on its mapping of the region,
+when that mapping is shared memory it can see: they read as zeroes
+afterwards); without it, the device model only keeps the accounting.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import logging
 from collections.abc import Callable
 
 from virtio.core.device import RingOptions, VirtioDevice
+from virtio.devices.balloon.pages import release_view
 from virtio.devices.mem import wire as W
+from virtio.errors import GuestMemoryError
 from virtio.queue import Chain, ChainReader, ChainWriter
 from virtio.spec.device_ids import DeviceId
 
@@ -49,6 +54,7 @@ class MemDevice(VirtioDevice):
         node_id: int | None = None,
         unplugged_inaccessible: bool = True,
         persistent_suspend: bool = False,
+        discard: bool = False,
         queue_max_size: int = 128,
         ring: RingOptions | None = None,
     ) -> None:
@@ -71,6 +77,9 @@ class MemDevice(VirtioDevice):
         self.node_id = node_id
         self.unplugged_inaccessible = unplugged_inaccessible
         self.persistent_suspend = persistent_suspend
+        self.discard = discard
+        #: Bytes of unplugged blocks given back to the host (``discard``).
+        self.discarded_bytes = 0
         self.blocks = bytearray(region_size // block_size)  # 1: plugged
         self.plugged_blocks = 0
         self.requested_size = 0
@@ -226,9 +235,30 @@ class MemDevice(VirtioDevice):
         return offset // self.block_size
 
     def _set_blocks(self, first: int, count: int, plugged: bool) -> None:
+        if not plugged and self.discard:
+            self._discard(first, count)
         value = 1 if plugged else 0
         before = self.blocks[first : first + count].count(1)
         self.blocks[first : first + count] = bytes([value]) * count
         self.plugged_blocks += (count if plugged else 0) - before
         if self.on_blocks_changed is not None and count:
             self.on_blocks_changed(first, count, plugged)
+
+    def _discard(self, first: int, count: int) -> None:
+        """Give back the memory of the plugged blocks among ``first..first+count``."""
+        if self.memory is None:
+            return
+        blocks, end, bs = self.blocks, first + count, self.block_size
+        while first < end:
+            start = blocks.find(1, first, end)
+            if start < 0:
+                return
+            stop = blocks.find(0, start, end)
+            stop = end if stop < 0 else stop
+            first = stop
+            try:
+                views = self.memory.iovecs(self.addr + start * bs, (stop - start) * bs)
+            except GuestMemoryError:
+                continue  # not mapped here: the VMM keeps that memory
+            for view in views:
+                self.discarded_bytes += release_view(view, "remove")

@@ -50,6 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="offer VIRTIO_MEM_F_PERSISTENT_SUSPEND (default off)",
     )
     p.add_argument(
+        "--discard",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="give the memory of unplugged blocks back to the host (MADV_REMOVE on the "
+        "back-end's shared mapping of the region; default off)",
+    )
+    p.add_argument(
         "--control", metavar="PATH", help="a Unix socket taking `set 64M` and `status` lines"
     )
 
@@ -63,6 +70,7 @@ def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> Virtio
         node_id=args.node_id,
         unplugged_inaccessible=args.unplugged_inaccessible,
         persistent_suspend=args.persistent_suspend,
+        discard=args.discard,
         queue_max_size=min(settings.queue_max_size, 128),
         ring=settings.ring,
     )
