@@ -17,7 +17,8 @@ from virtio.core.events import EventSources
 from virtio.devices.registry import DeviceSettings, device_type
 from virtio.devices.vsock import VsockDevice, VsockDriver
 from virtio.devices.vsock import wire as W
-from virtio.devices.vsock.device import MAX_CONTROL, Endpoint, MessageTooLarge
+from virtio.devices.vsock.device import MAX_CONTROL, Endpoint, MessageTooLarge, VsockBackend
+from virtio.devices.vsock.driver import RX_BUFFER, RX_BUFFERS
 from virtio.devices.vsock.uds import UdsBackend
 from virtio.devices.vsock.wire import Hdr, Op, Type
 from virtio.spec.status import DeviceStatus as S
@@ -27,6 +28,7 @@ VSOCK = "Device Types / Socket Device"
 N_FEAT_DEV = f"devicenormative:{VSOCK} / Feature bits"
 N_FEAT_DRV = f"drivernormative:{VSOCK} / Feature bits"
 N_FLOW_DEV = f"devicenormative:{VSOCK} / Device Operation / Virtqueue Flow Control"
+N_FLOW_DRV = f"drivernormative:{VSOCK} / Device Operation / Virtqueue Flow Control"
 N_CREDIT_DEV = f"devicenormative:{VSOCK} / Device Operation / Buffer Space Management"
 N_CREDIT_DRV = f"drivernormative:{VSOCK} / Device Operation / Buffer Space Management"
 N_RXTX_DEV = f"devicenormative:{VSOCK} / Device Operation / Receive and Transmit"
@@ -150,7 +152,7 @@ class FakeBackend:
 
 @contextmanager
 def vsock(
-    backend: FakeBackend | UdsBackend | None = None,
+    backend: VsockBackend | None = None,
     *,
     start: bool = True,
     buf_alloc: int = 256 << 10,
@@ -465,6 +467,90 @@ def test_tx_waits_when_replies_pile_up() -> None:
             rounds += 1
         assert len(rsts(driver)) == sent
         assert not device._tx_stalled
+
+
+def stall_tx(monkeypatch: pytest.MonkeyPatch, device: VsockDevice) -> Callable[[], None]:
+    """Make the device stop consuming tx buffers; the returned call lets it go on."""
+    serve = device.process_queue
+    stalled = [True]
+
+    def process_queue(index: int, *, rearm: bool = True) -> int:
+        if index == W.TX and stalled[0]:
+            return 0  # the buffers stay available, untouched
+        return serve(index, rearm=rearm)
+
+    def resume() -> None:
+        stalled[0] = False
+        serve(W.TX)
+
+    monkeypatch.setattr(device, "process_queue", process_queue)
+    return resume
+
+
+@pytest.mark.normative(N_FLOW_DRV)
+def test_driver_takes_rx_while_tx_is_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = FakeBackend()
+    with vsock(backend, buf_alloc=1 << 20) as (device, driver):
+        sock = driver.connect(5000)
+        (end,) = backend.ends
+        resume = stall_tx(monkeypatch, device)
+        tx_size = driver.queues[W.TX].size
+        chunks = [i.to_bytes(4, "little") * 25 for i in range(tx_size + 50)]
+        for chunk in chunks:
+            driver.send(sock, chunk)
+        # The tx queue is full; the rest waits outside it, in order.
+        assert driver.queues[W.TX].num_free == 0 and len(driver._tx_backlog) == 50
+        # Meanwhile the device sends 1 MiB: four times the rx buffers the driver keeps.
+        down = bytes(range(256)) * 4096
+        assert len(down) == 4 * RX_BUFFERS * RX_BUFFER
+        end.feed(down)
+        assert driver.recv_exactly(sock, len(down)) == down
+        assert device.stats["packets_to_guest"] > 4 * RX_BUFFERS
+        assert not end.received and driver.queues[W.TX].num_free == 0  # still stalled
+        assert len(driver._tx_backlog) > 50  # CREDIT_UPDATEs queued behind the data
+        # The device takes tx again: every queued packet goes, in order.
+        resume()
+        rounds = 0
+        while (driver._tx_backlog or len(end.received) < 100 * len(chunks)) and rounds < 100:
+            settle(driver, 1)
+            rounds += 1
+        assert bytes(end.received) == b"".join(chunks)
+        assert not driver._tx_backlog and sock.state == "connected"
+        conn = device.conns[(5000, sock.local_port)]
+        assert conn.peer_fwd_cnt == sock.fwd_cnt  # the queued CREDIT_UPDATEs arrived
+        driver.close(sock)
+        assert not device.conns
+
+
+@pytest.mark.normative(N_FLOW_DRV)
+def test_driver_bounds_replies_outside_a_full_tx_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    from virtio.devices.vsock import driver as DRV
+
+    monkeypatch.setattr(DRV, "MAX_REPLIES", 8)
+    backend = FakeBackend()
+    with vsock(backend) as (device, driver):
+        sock = driver.connect(5000)
+        resume = stall_tx(monkeypatch, device)
+        for _ in range(driver.queues[W.TX].size):
+            driver.send(sock, b"x")
+        assert driver.queues[W.TX].num_free == 0 and not driver._tx_backlog
+        # The device connects to 30 ports nobody listens on: each REQUEST needs an RST.
+        for port in range(7000, 7030):
+            assert device.host_connect(port, backend.end())
+        settle(driver)
+        # Eight replies wait outside the full queue; the other requests wait in rx.
+        assert driver._replies == 8 and len(driver._tx_backlog) == 8
+        assert len(driver._rx_held) == 22 and driver.stats["rx_held"] > 0
+        resume()
+        rounds = 0
+        while len(device.conns) > 1 and rounds < 100:
+            settle(driver, 1)
+            rounds += 1
+        # Every request got its RST, nothing was lost; the data went too.
+        assert list(device.conns) == [(5000, sock.local_port)]
+        assert all(end.closed for end in backend.ends[1:])
+        assert bytes(backend.ends[0].received) == b"x" * driver.queues[W.TX].size
+        assert driver._replies == 0 and not driver._rx_held
 
 
 # -- seqpacket ---------------------------------------------------------------------------------------

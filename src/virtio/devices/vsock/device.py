@@ -22,7 +22,7 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from virtio.core.device import DEFERRED, RingOptions, VirtioDevice
 from virtio.core.events import EventSources, Timer
@@ -91,6 +91,15 @@ class Endpoint(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class OpeningEndpoint(Endpoint, Protocol):
+    """A host end that opens in the background (a TCP connect on its way)."""
+
+    def when_open(self, done: Callable[[str | None], None]) -> None:
+        """Call ``done(None)`` once open or ``done(reason)`` if it failed: exactly once,
+        possibly before returning. The guest gets its RESPONSE or RST only then."""
+
+
 class VsockBackend(Protocol):
     """Makes and accepts host ends: the device's host side."""
 
@@ -120,7 +129,8 @@ class NoBackend:
         pass
 
 
-CONNECTING, CONNECTED, CLOSING = "connecting", "connected", "closing"
+# CONNECTING: the host asked the guest; OPENING: the guest asked, its host end is opening.
+CONNECTING, OPENING, CONNECTED, CLOSING = "connecting", "opening", "connected", "closing"
 
 
 @dataclass(eq=False)
@@ -315,10 +325,16 @@ class VsockDevice(VirtioDevice):
 
     def _expire(self, conn: Conn) -> None:
         conn.timer = None
-        if self.conns.get(conn.key) is conn and conn.state == CONNECTING:
+        if self.conns.get(conn.key) is not conn:
+            return
+        if conn.state == CONNECTING:
             log.info("guest port %d did not answer a connection request", conn.peer_port)
             self._reset_conn(conn, "connection request timed out")
-            self._pump()
+        elif conn.state == OPENING:
+            log.info("host end for port %d did not open in time", conn.local_port)
+            self.stats["refused"] += 1
+            self._reset_conn(conn, "host end did not open in time")
+        self._pump()
 
     # -- queues ---------------------------------------------------------------------
 
@@ -442,6 +458,13 @@ class VsockDevice(VirtioDevice):
             else:
                 self._reset_conn(conn, f"{Op(hdr.op).name} before RESPONSE")
             return
+        if conn.state == OPENING:
+            # Only credit may move before the device's RESPONSE (taken above).
+            if hdr.op == Op.CREDIT_REQUEST:
+                self._send(conn, Op.CREDIT_UPDATE)
+            elif hdr.op != Op.CREDIT_UPDATE:
+                self._reset_conn(conn, f"{Op(hdr.op).name} before the device's RESPONSE")
+            return
         if hdr.op == Op.RW:
             self._receive(conn, hdr, payload)
         elif hdr.op == Op.SHUTDOWN:
@@ -466,11 +489,31 @@ class VsockDevice(VirtioDevice):
             self.stats["refused"] += 1
             self._rst_for(hdr)
             return
-        conn = Conn(hdr.dst_port, hdr.src_port, hdr.type, endpoint)
+        conn = Conn(hdr.dst_port, hdr.src_port, hdr.type, endpoint, state=OPENING)
         self._add(conn)
         self._credit(conn, hdr)
-        self._send(conn, Op.RESPONSE)
-        self._set_reading(conn, True)
+        if isinstance(endpoint, OpeningEndpoint):
+            conn.timer = self.events.call_later(CONNECT_TIMEOUT, lambda _now: self._expire(conn))
+            endpoint.when_open(lambda error: self._opened(conn, error))
+        else:
+            self._opened(conn, None)
+
+    def _opened(self, conn: Conn, error: str | None) -> None:
+        """The host end of a guest's connection is open (``error`` None) or failed."""
+        if self.conns.get(conn.key) is not conn or conn.state != OPENING:
+            return
+        if conn.timer is not None:
+            self.events.cancel(conn.timer)
+            conn.timer = None
+        if error is not None:
+            log.info("guest connection to port %d refused: %s", conn.local_port, error)
+            self.stats["refused"] += 1
+            self._reset_conn(conn, error)
+        else:
+            conn.state = CONNECTED
+            self._send(conn, Op.RESPONSE)
+            self._set_reading(conn, True)
+        self._pump()
 
     def _credit(self, conn: Conn, hdr: Hdr) -> None:
         conn.peer_buf_alloc, conn.peer_fwd_cnt = hdr.buf_alloc, hdr.fwd_cnt
@@ -675,7 +718,7 @@ class VsockDevice(VirtioDevice):
         return None
 
     def _data_packet(self, conn: Conn, room: int) -> tuple[Hdr, bytes] | None:
-        if self.conns.get(conn.key) is not conn or conn.state == CONNECTING:
+        if self.conns.get(conn.key) is not conn or conn.state in (CONNECTING, OPENING):
             return None
         credit = conn.guest_room()
         if conn.type == Type.SEQPACKET and conn.msgs_to_guest:

@@ -8,6 +8,11 @@ VIRTIO_VSOCK_F_SEQPACKET, ``send_message``/``recv_message``) on
 advertises its own; it does not trust the device: packets with bad lengths,
 wrong addresses, unknown ops or types, or data past the credit given are
 dropped or answered with RST, never raised from the pump.
+
+Packets wait outside the tx queue while it is full, and the rx queue is
+processed meanwhile (Virtqueue Flow Control). Only replies caused by rx
+packets are bounded (:data:`MAX_REPLIES`): past that, rx packets wait until
+the device takes tx buffers; data waits within the peer's credit anyway.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import logging
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from virtio.core.driver import DriverTransport, NeedsReset, UsedBuffer, VirtioDriver
+from virtio.core.driver import DriverTransport, NeedsReset, Request, UsedBuffer, VirtioDriver
 from virtio.devices.vsock import wire as W
 from virtio.devices.vsock.wire import Hdr, Op, Type
 from virtio.errors import DeviceNeedsReset
@@ -32,6 +37,8 @@ DEFAULT_BUF_ALLOC = 256 << 10
 #: The largest payload this driver puts in one packet.
 MAX_PAYLOAD = 64 << 10
 FIRST_PORT = 49152
+#: Replies to rx packets (RST, RESPONSE, CREDIT_UPDATE) kept outside a full tx queue.
+MAX_REPLIES = 1024
 
 CONNECTING, CONNECTED, CLOSED = "connecting", "connected", "closed"
 
@@ -92,7 +99,12 @@ class VsockDriver(VirtioDriver):
         self.stats: Counter[str] = Counter()
         self.transport_resets = 0
         self._next_port = FIRST_PORT
-        self._tx_backlog: deque[bytes] = deque()
+        #: Packets the tx queue had no room for, each marked if it replies to an rx packet.
+        self._tx_backlog: deque[tuple[bytes, bool]] = deque()
+        self._replies = 0
+        self._replying = False
+        #: rx packets not yet taken: too many replies wait for the tx queue.
+        self._rx_held: deque[Request] = deque()
         #: Set to a list to record the header of every packet the device returns.
         self.trace: list[Hdr] | None = None
 
@@ -117,6 +129,15 @@ class VsockDriver(VirtioDriver):
         for _ in range(min(RX_BUFFERS, self.queues[W.RX].size)):
             self.submit(W.RX, [], [W.HDR_SIZE + RX_BUFFER])
         self.kick(W.RX)
+
+    def reset(self, timeout: float = 5.0) -> None:
+        super().reset(timeout)
+        # Packets for the old queues: a fresh device knows nothing of them.
+        for request in self._rx_held:
+            self.release(request)
+        self._rx_held.clear()
+        self._tx_backlog.clear()
+        self._replies = 0
 
     def stream_ok(self) -> bool:
         return W.stream_offered(self.negotiated)
@@ -224,7 +245,7 @@ class VsockDriver(VirtioDriver):
 
     def pump(self) -> None:
         """Take what the device returned: packets, events, finished transmissions."""
-        rx = events = 0
+        events = 0
         for event in self.poll():
             if isinstance(event, NeedsReset):
                 raise DeviceNeedsReset(event.reason)
@@ -232,12 +253,14 @@ class VsockDriver(VirtioDriver):
                 continue
             request = event.request
             if event.queue == W.RX:
-                self._rx_packet(self.read_in(request), request.written)
-                rx += 1
-            elif event.queue == W.EVENT:
+                self._rx_held.append(request)
+                continue
+            if event.queue == W.EVENT:
                 self._event(self.read_in(request))
                 events += 1
             self.release(request)
+        self._flush_tx()
+        rx = self._take_rx()
         for _ in range(rx):
             self.submit(W.RX, [], [W.HDR_SIZE + RX_BUFFER])
         if rx:
@@ -247,6 +270,22 @@ class VsockDriver(VirtioDriver):
         if events:
             self.kick(W.EVENT)
         self._flush_tx()
+
+    def _take_rx(self) -> int:
+        """Process returned rx packets while their replies have room to wait."""
+        taken = 0
+        self._replying = True
+        try:
+            while self._rx_held and self._replies < MAX_REPLIES:
+                request = self._rx_held.popleft()
+                self._rx_packet(self.read_in(request), request.written)
+                self.release(request)
+                taken += 1
+        finally:
+            self._replying = False
+        if self._rx_held:
+            self.stats["rx_held"] += 1
+        return taken
 
     def _wait(self, done: object, timeout: float) -> bool:
         assert callable(done)
@@ -417,17 +456,21 @@ class VsockDriver(VirtioDriver):
         self._forget(sock)
 
     def _queue_tx(self, packet: bytes) -> None:
-        self._tx_backlog.append(packet)
+        # Behind what already waits: packets go out in the order they were made.
+        self._tx_backlog.append((packet, self._replying))
+        self._replies += self._replying
         self._flush_tx()
 
     def _flush_tx(self) -> None:
         sent = False
         while self._tx_backlog:
+            packet, reply = self._tx_backlog[0]
             try:
-                self.submit(W.TX, [self._tx_backlog[0]])
-            except BufferError:
-                break  # the queue is full: what was used comes back in pump()
+                self.submit(W.TX, [packet])
+            except (BufferError, MemoryError):
+                break  # the queue (or memory) is full: what was used comes back in pump()
             self._tx_backlog.popleft()
+            self._replies -= reply
             sent = True
         if sent:
             self.kick(W.TX)
