@@ -58,6 +58,12 @@ def _mem(argv: list[str]) -> int:
     return main(argv)
 
 
+def _vsock(argv: list[str]) -> int:
+    from virtio.devices.vsock.control import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, tuple[Handler, str]] = {
     "spec-coverage": (_spec_coverage, "normative blocks covered by the tests, per area"),
     "bench": (_bench, "benchmarks: `virtio bench ring`, `virtio bench blk`"),
@@ -66,6 +72,10 @@ COMMANDS: dict[str, tuple[Handler, str]] = {
     "demo": (_demo, "serve a disk and boot a real Linux guest against it"),
     "balloon": (_balloon, "a served balloon's target: `virtio balloon set 64M --control PATH`"),
     "mem": (_mem, "a served memory device's requested size: `virtio mem set 64M --control PATH`"),
+    "vsock": (
+        _vsock,
+        "a served vsock device's transport reset: `virtio vsock reset --control PATH`",
+    ),
     "probe": (_probe, "what a QEMU virtio device offers: `virtio probe --qemu virtio-net-pci`"),
 }
 

@@ -212,6 +212,8 @@ class VsockDevice(VirtioDevice):
         self.seqpacket = seqpacket
         self.buf_alloc = buf_alloc
         self.backend: VsockBackend = backend or NoBackend()
+        #: Called by :meth:`close` (a control socket's own close, for one).
+        self.closers: list[Callable[[], None]] = []
         self.conns: dict[tuple[int, int], Conn] = {}
         self.stats: Counter[str] = Counter()
         self._control: deque[Hdr] = deque()
@@ -271,6 +273,9 @@ class VsockDevice(VirtioDevice):
     def close(self) -> None:
         self._drop_all("device closed")
         self.backend.close()
+        for closer in reversed(self.closers):
+            closer()
+        self.closers.clear()
 
     def quiesce(self, queue_index: int) -> None:
         # Held buffers go back empty: a Linux driver drops or requeues them.

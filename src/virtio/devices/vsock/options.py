@@ -36,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "connections to port P go to UDS_PATH_P (optional with TCP rules)",
     )
     p.add_argument(
+        "--control",
+        metavar="PATH",
+        help="a Unix socket taking `reset` (a transport reset event) and `status` lines",
+    )
+    p.add_argument(
         "--forward-tcp",
         action="append",
         default=[],
@@ -78,7 +83,7 @@ def backend(args: argparse.Namespace) -> VsockBackend:
 
 
 def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> VirtioDevice:
-    return VsockDevice(
+    device = VsockDevice(
         backend(args),
         guest_cid=args.guest_cid,
         seqpacket=args.seqpacket,
@@ -86,6 +91,15 @@ def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> Virtio
         queue_max_size=settings.queue_max_size,
         ring=settings.ring,
     )
+    if args.control:
+        from virtio.devices.vsock.control import VsockControl
+
+        try:
+            VsockControl(args.control, device)
+        except OSError:
+            device.close()
+            raise
+    return device
 
 
 def example(directory: Path, settings: DeviceSettings) -> VirtioDevice:
