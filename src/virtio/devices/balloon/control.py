@@ -22,6 +22,7 @@ import os
 from virtio.control import LineControl, client_main
 from virtio.devices.balloon import wire as W
 from virtio.devices.balloon.device import MAX_PAGES, BalloonDevice
+from virtio.sizes import format_size, parse_size
 
 log = logging.getLogger("virtio.balloon")
 
@@ -39,11 +40,11 @@ class BalloonControl(LineControl):
     def answer(self, verb: str, args: list[str]) -> str | None:
         device = self.device
         if verb == "set" and len(args) == 1:
-            pages = W.pages_for(W.parse_size(args[0]))
+            pages = W.pages_for(parse_size(args[0]))
             if pages > MAX_PAGES:
                 return f"error: {args[0]} is more than the balloon can hold"
             device.set_target(pages)
-            return f"ok target {W.format_size(pages * W.PAGE_SIZE)} ({pages} pages)"
+            return f"ok target {format_size(pages * W.PAGE_SIZE)} ({pages} pages)"
         if verb == "status" and not args:
             c = device.counters
             return (

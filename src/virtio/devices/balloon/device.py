@@ -4,7 +4,7 @@ The host sets a target (``num_pages``, in 4 KiB pages) with
 :meth:`BalloonDevice.set_target`; the driver inflates (PFNs on the
 inflateq) or deflates (PFNs on the deflateq) to follow it and reports
 ``actual``. Inflated and reported pages are released from the back-end's
-mapping of guest memory (see :mod:`virtio.devices.balloon.pages`).
+mapping of guest memory (see :mod:`virtio.devices.guestpages`).
 
 The statistics buffer is kept by the device and returned (used) to ask for
 new statistics, on a timer asked of the host (``self.events``). Free page
@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from virtio.core.device import DEFERRED, RingOptions, VirtioDevice
 from virtio.core.events import Timer
 from virtio.devices.balloon import wire as W
-from virtio.devices.balloon.pages import RELEASE_MODES, Release, release_view
+from virtio.devices.guestpages import RELEASE_MODES, Release, release_view
 from virtio.errors import GuestMemoryError
 from virtio.queue import Chain
+from virtio.sizes import format_size
 from virtio.spec import features as F
 from virtio.spec.device_ids import DeviceId
 from virtio.spec.status import DeviceStatus as S
@@ -161,7 +162,7 @@ class BalloonDevice(VirtioDevice):
     def describe(self) -> str:
         names = ", ".join(f.removeprefix("VIRTIO_BALLOON_F_") for f in self.offered_names())
         return (
-            f"balloon, target {W.format_size(self.target_pages * W.PAGE_SIZE)}, "
+            f"balloon, target {format_size(self.target_pages * W.PAGE_SIZE)}, "
             f"release {self.release_mode}, offers {names or 'no features'}"
         )
 
@@ -196,7 +197,7 @@ class BalloonDevice(VirtioDevice):
         self.target_pages = pages
         data = pages.to_bytes(4, "little")
         if self.config[W.NUM_PAGES : W.NUM_PAGES + 4] != data:
-            log.info("balloon target: %s (%d pages)", W.format_size(pages * W.PAGE_SIZE), pages)
+            log.info("balloon target: %s (%d pages)", format_size(pages * W.PAGE_SIZE), pages)
             self.update_config(W.NUM_PAGES, data)
 
     @property
@@ -253,7 +254,7 @@ class BalloonDevice(VirtioDevice):
                 if value != self.actual:
                     # Drivers step by a few hundred pages: one line once the target is met.
                     level = logging.INFO if value == self.target_pages else logging.DEBUG
-                    size = W.format_size(value * W.PAGE_SIZE)
+                    size = format_size(value * W.PAGE_SIZE)
                     log.log(level, "balloon actual: %s (%d pages)", size, value)
                 self.actual = value
             return True

@@ -12,8 +12,9 @@ from pathlib import Path
 from virtio.core.device import VirtioDevice
 from virtio.devices.balloon import wire as W
 from virtio.devices.balloon.device import MAX_PAGES, BalloonDevice
-from virtio.devices.balloon.pages import RELEASE_MODES
+from virtio.devices.guestpages import RELEASE_MODES
 from virtio.devices.registry import DeviceSettings
+from virtio.sizes import parse_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> VirtioDevice:
-    pages = W.pages_for(W.parse_size(args.target))
+    pages = W.pages_for(parse_size(args.target))
     if pages > MAX_PAGES:
         raise ValueError(f"--target {args.target} is more than the balloon can hold")
     if args.stats_interval < 0:

@@ -7,11 +7,11 @@ through a legacy interface and little-endian otherwise.
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 
 from virtio.layout import ByteOrder
+from virtio.sizes import format_size
 from virtio.spec import features as F
 
 MUST_TELL_HOST = F.VIRTIO_BALLOON_F_MUST_TELL_HOST
@@ -136,25 +136,6 @@ def format_stats(stats: Mapping[int, int]) -> str:
         shown = format_size(value) if tag in BYTE_STATS else str(value)
         parts.append(f"{STAT_NAMES[tag]}={shown}")
     return " ".join(parts) if parts else "(none)"
-
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes in ``64M``, ``1G``, ``4096``, ``512KiB`` (binary units); ValueError if not."""
-    m = _SIZE.match(text)
-    if m is None:
-        raise ValueError(f"not a size: {text!r} (e.g. 64M, 1G, 4096)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
-
-
-def format_size(nbytes: int) -> str:
-    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f}{unit}"
-    return f"{nbytes}B"
 
 
 def pages_for(nbytes: int) -> int:

@@ -19,8 +19,8 @@ import logging
 import os
 
 from virtio.control import LineControl, client_main
-from virtio.devices.balloon.wire import format_size, parse_size
 from virtio.devices.mem.device import MemDevice
+from virtio.sizes import format_size, parse_size
 
 log = logging.getLogger("virtio.mem")
 

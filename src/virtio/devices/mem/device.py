@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 
 from virtio.core.device import RingOptions, VirtioDevice
-from virtio.devices.balloon.pages import release_view
+from virtio.devices.guestpages import release_view
 from virtio.devices.mem import wire as W
 from virtio.errors import GuestMemoryError
 from virtio.queue import Chain, ChainReader, ChainWriter

@@ -13,9 +13,9 @@ import argparse
 from pathlib import Path
 
 from virtio.core.device import VirtioDevice
-from virtio.devices.balloon.wire import parse_size
 from virtio.devices.mem.device import MemDevice
 from virtio.devices.registry import DeviceSettings
+from virtio.sizes import parse_size
 
 
 def _address(text: str) -> int:
