@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from virtio.core.device import VirtioDevice
 from virtio.core.registers import DeviceRegisters
+from virtio.core.shm import BufferWindow, ShmWindow
 from virtio.core.status import Interface
 from virtio.layout import ByteOrder
 from virtio.memory import Allocator, GuestMemory, Memory, PageTable, TranslatedMemory
@@ -169,6 +170,13 @@ class Loopback:
         return serve_events(
             self.device.events, timeout, wake_fds=(self._wake,) if wake else (), lock=self._lock
         )
+
+    def shared_memory_window(self, shmid: int) -> ShmWindow | None:
+        """The device's own buffer for region ``shmid`` (this process maps it)."""
+        for region in self.registers.shared_memory_regions:
+            if region.id == shmid:
+                return BufferWindow(region)
+        return None
 
     # -- the driver's side: DriverTransport, mapped onto the registers -------------
 

@@ -30,6 +30,7 @@ from typing import Protocol
 from virtio.core.device import VirtioDevice
 from virtio.core.driver import count_queues
 from virtio.core.registers import ISR_CONFIG, ISR_QUEUE, DeviceRegisters
+from virtio.core.shm import MemoryWindow, ShmWindow
 from virtio.core.status import Interface
 from virtio.errors import NegotiationError, VirtioError
 from virtio.layout import ByteOrder
@@ -370,6 +371,17 @@ class MmioTransport:
         self._config: Callable[[], None] = lambda: None
         self._queues: set[int] = set()
         self._queue_count: int | None = None
+
+    def shared_memory_window(self, shmid: int) -> ShmWindow | None:
+        """Region ``shmid`` at the guest-physical base the SHM registers give (version 2)."""
+        if self.version < 2:
+            return None
+        self.bus.write(R.SHM_SEL, 4, shmid)
+        length = self.bus.read(R.SHM_LEN_LOW, 4) | self.bus.read(R.SHM_LEN_HIGH, 4) << 32
+        base = self.bus.read(R.SHM_BASE_LOW, 4) | self.bus.read(R.SHM_BASE_HIGH, 4) << 32
+        if length == NO_REGION or base == NO_REGION:
+            return None
+        return MemoryWindow(self.memory, base, length)
 
     # -- DriverTransport ------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from typing import Protocol
 
 from virtio.core.device import SharedMemoryRegion, VirtioDevice
 from virtio.core.registers import ISR_CONFIG, ISR_QUEUE, NO_VECTOR, DeviceRegisters
+from virtio.core.shm import AccessWindow, ShmWindow
 from virtio.core.status import Interface
 from virtio.errors import NegotiationError, VirtioError
 from virtio.layout import ByteOrder
@@ -931,6 +932,15 @@ class PciTransport:
         if not 0 <= offset <= length - size:
             raise ValueError(f"shared memory region {shmid}: {size} bytes at {offset:#x}")
         self.bus.bar_write(bar, start + offset, size, value)
+
+    def shared_memory_window(self, shmid: int) -> ShmWindow | None:
+        if shmid not in self.shared_memory:
+            return None
+        return AccessWindow(
+            self.shared_memory[shmid][2],
+            lambda offset, size: self.read_shared_memory(shmid, offset, size),
+            lambda offset, size, value: self.write_shared_memory(shmid, offset, size, value),
+        )
 
     # -- DriverTransport -------------------------------------------------------------------------
 

@@ -11,10 +11,8 @@ error.
 
 from __future__ import annotations
 
-from typing import Protocol
-
-from virtio.core.device import SharedMemoryRegion
 from virtio.core.driver import VirtioDriver
+from virtio.core.shm import MemoryWindow, ShmWindow, find_window
 from virtio.devices.pmem import wire as W
 from virtio.errors import NegotiationError, VirtioError
 from virtio.memory import Memory
@@ -27,90 +25,6 @@ class PmemError(VirtioError):
     """A flush failed, or the device answered what the spec does not allow."""
 
 
-class Window(Protocol):
-    """Byte access to the persistent memory region, wherever it is."""
-
-    length: int
-
-    def read(self, offset: int, size: int) -> bytes: ...
-    def write(self, offset: int, data: bytes) -> None: ...
-
-
-def _check(offset: int, size: int, length: int) -> None:
-    if offset < 0 or size < 0 or offset + size > length:
-        raise ValueError(f"{size} bytes at {offset:#x} are outside the {length}-byte region")
-
-
-class MemoryWindow:
-    """The region at guest-physical ``start`` (no shared memory region)."""
-
-    def __init__(self, memory: Memory, start: int, length: int) -> None:
-        self.memory, self.start, self.length = memory, start, length
-
-    def read(self, offset: int, size: int) -> bytes:
-        _check(offset, size, self.length)
-        return self.memory.read(self.start + offset, size)
-
-    def write(self, offset: int, data: bytes) -> None:
-        _check(offset, len(data), self.length)
-        self.memory.write(self.start + offset, data)
-
-
-class BufferWindow:
-    """A shared memory region this process maps (the loopback's)."""
-
-    def __init__(self, region: SharedMemoryRegion) -> None:
-        if region.backing is None:
-            raise NegotiationError(f"shared memory region {region.id} has no memory behind it")
-        self.view = memoryview(region.backing).cast("B")
-        self.length = min(region.length, len(self.view))
-
-    def read(self, offset: int, size: int) -> bytes:
-        _check(offset, size, self.length)
-        return bytes(self.view[offset : offset + size])
-
-    def write(self, offset: int, data: bytes) -> None:
-        _check(offset, len(data), self.length)
-        self.view[offset : offset + len(data)] = data
-
-
-class _Accessor(Protocol):
-    shared_memory: dict[int, tuple[int, int, int]]
-
-    def read_shared_memory(self, shmid: int, offset: int, size: int) -> int: ...
-    def write_shared_memory(self, shmid: int, offset: int, size: int, value: int) -> None: ...
-
-
-class BarWindow:
-    """A shared memory region behind a PCI BAR: 8, 4 or 1 bytes an access."""
-
-    def __init__(self, transport: _Accessor, shmid: int) -> None:
-        self.transport, self.shmid = transport, shmid
-        self.length = transport.shared_memory[shmid][2]
-
-    def _pieces(self, offset: int, size: int) -> list[tuple[int, int]]:
-        out, end = [], offset + size
-        while offset < end:
-            n = next(w for w in (8, 4, 1) if offset % w == 0 and offset + w <= end)
-            out.append((offset, n))
-            offset += n
-        return out
-
-    def read(self, offset: int, size: int) -> bytes:
-        _check(offset, size, self.length)
-        t = self.transport
-        return b"".join(
-            t.read_shared_memory(self.shmid, at, n).to_bytes(n, "little")
-            for at, n in self._pieces(offset, size)
-        )
-
-    def write(self, offset: int, data: bytes) -> None:
-        _check(offset, len(data), self.length)
-        for at, n in self._pieces(offset, len(data)):
-            value = int.from_bytes(data[at - offset : at - offset + n], "little")
-            self.transport.write_shared_memory(self.shmid, at, n, value)
-
-
 class PmemDriver(VirtioDriver):
     device_id = DeviceId.PMEM
 
@@ -121,7 +35,7 @@ class PmemDriver(VirtioDriver):
         """(start, size) as the config space says (meaningless with SHMEM_REGION)."""
         return W.unpack_config(self.read_config(0, W.CONFIG_SIZE))
 
-    def window(self, memory: Memory | None = None) -> Window:
+    def window(self, memory: Memory | None = None) -> ShmWindow:
         """Access to the region: shared memory region 0, or ``start`` in ``memory``.
 
         ``memory`` is where guest-physical addresses resolve (default: the
@@ -135,21 +49,13 @@ class PmemDriver(VirtioDriver):
             raise PmemError("the device reports an empty region")
         return MemoryWindow(memory or self.transport.memory, start, size)
 
-    def _shared_window(self) -> Window:
-        t = self.transport
-        shared = getattr(t, "shared_memory", None)
-        if isinstance(shared, dict) and hasattr(t, "read_shared_memory"):
-            if W.SHMEM_ID not in shared:
-                raise NegotiationError("no shared memory region 0", N_INIT_DRV)
-            return BarWindow(t, W.SHMEM_ID)  # type: ignore[arg-type]
-        registers = getattr(t, "registers", None)
-        regions = getattr(registers, "shared_memory_regions", ())
-        for region in regions:
-            if isinstance(region, SharedMemoryRegion) and region.id == W.SHMEM_ID:
-                return BufferWindow(region)
-        raise NegotiationError(
-            f"{type(t).__name__} offers no shared memory region 0 to this driver", N_INIT_DRV
-        )
+    def _shared_window(self) -> ShmWindow:
+        window = find_window(self.transport, W.SHMEM_ID)
+        if window is None:
+            raise NegotiationError(
+                f"{type(self.transport).__name__} offers no shared memory region 0", N_INIT_DRV
+            )
+        return window
 
     def flush(self, timeout: float = 30.0) -> int:
         """One FLUSH request; its ret (0 or -1). PmemError if the device broke the format."""
