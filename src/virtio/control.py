@@ -3,8 +3,8 @@
 A device type with a run-time knob (the balloon's target, virtio-mem's
 requested size) listens on a Unix socket: one command per line, one answer
 line each. The sockets are watched through the device's ``events``, so the
-device stays sans-IO and commands run on its host thread; a vhost-user server
-serves those only while a front-end is connected.
+device stays sans-IO and commands run on its host thread, connected to a
+front-end or waiting for one.
 """
 
 from __future__ import annotations

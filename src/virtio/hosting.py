@@ -14,6 +14,7 @@ import os
 import select
 import socket
 import threading
+import time
 from pathlib import Path
 
 from virtio.core.events import EventSources
@@ -102,8 +103,7 @@ class UnixServer:
         assert self.listener is not None
         try:
             while not self.stop_event.is_set():
-                ready, _, _ = select.select([self.listener], [], [], 0.2)
-                if not ready:
+                if not self._wait_for_peer(self.listener):
                     continue
                 try:
                     conn, _ = self.listener.accept()
@@ -125,6 +125,39 @@ class UnixServer:
                 self.logger.info("%s disconnected; waiting for the next one", self.peer)
         finally:
             self.close()
+
+    def _wait_for_peer(self, listener: socket.socket) -> bool:
+        """Up to 0.2 s for a peer (True: one waits); the device's own events are served
+        meanwhile, so a control socket answers while no peer is connected."""
+        events = self.idle_events()
+        if events is None:
+            ready, _, _ = select.select([listener], [], [], 0.2)
+            return bool(ready)
+        with select.epoll() as poller, DeviceFds(poller, events) as fds:
+            poller.register(listener.fileno(), select.EPOLLIN)
+            deadline = events.next_deadline(time.monotonic())
+            timeout = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
+            for fd, _mask in poller.poll(timeout):
+                if fd == listener.fileno():
+                    return True
+                if fd in fds.watched:
+                    self._idle_event(events, fd)
+            if deadline is not None:
+                self._idle_event(events, None)
+        return False
+
+    def _idle_event(self, events: EventSources, fd: int | None) -> None:
+        try:
+            if fd is None:
+                events.run_due(time.monotonic())
+            else:
+                events.fd_ready(fd, time.monotonic())
+        except Exception as err:  # the device's own failure must not stop the server
+            log_failure("the device failed serving its own event", err, logger=self.logger)
+
+    def idle_events(self) -> EventSources | None:
+        """The device's own fds and timers, to serve while no peer is connected."""
+        return None
 
     def serve_connection(self, conn: socket.socket) -> None:
         raise NotImplementedError

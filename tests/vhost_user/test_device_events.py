@@ -175,3 +175,21 @@ def test_a_device_that_watches_an_fd_and_sets_a_timer(tmp_path: Path) -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_a_control_socket_answers_while_no_front_end_is_connected(tmp_path: Path) -> None:
+    from virtio.control import request
+    from virtio.devices.mem import MemDevice
+    from virtio.devices.mem.control import MemControl
+
+    device = MemDevice(region_size=64 << 20, block_size=2 << 20)
+    ctl = tmp_path / "mem.ctl"
+    MemControl(ctl, device)
+    try:
+        with served(device, tmp_path / "vu.sock"):
+            # Served from the server's wait for a front-end: no session, no hang.
+            assert request(ctl, "set 8M", timeout=5) == "ok requested 8.0M (4 blocks)"
+            assert request(ctl, "status", timeout=5).startswith(f"requested={8 << 20} ")
+            assert device.requested_size == 8 << 20
+    finally:
+        device.close()

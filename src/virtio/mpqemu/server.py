@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from virtio.core.device import VirtioDevice
+from virtio.core.events import EventSources
 from virtio.hosting import AdaptivePolling, DeviceFds, UnixServer
 from virtio.hosting import log_failure as _log_failure
 from virtio.memory import Buffer, FileMappings
@@ -126,6 +127,9 @@ class PciServer(UnixServer):
             self.device.flush_backend()
         except Exception as err:
             _fail("cannot flush the device", err)
+
+    def idle_events(self) -> EventSources:
+        return self.device.events
 
     def serve_connection(self, conn: socket.socket) -> None:
         conn.settimeout(MESSAGE_TIMEOUT)

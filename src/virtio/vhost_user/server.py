@@ -25,6 +25,7 @@ import socket
 import time
 
 from virtio.core.device import VirtioDevice
+from virtio.core.events import EventSources
 from virtio.hosting import AdaptivePolling, DeviceFds, UnixServer
 from virtio.hosting import log_failure as _log_failure
 from virtio.memory import Buffer, FileMappings
@@ -115,6 +116,9 @@ class VhostUserServer(UnixServer):
         super().__init__(path)
         self.device = device
         self.poll_us = poll_us
+
+    def idle_events(self) -> EventSources:
+        return self.device.events
 
     def serve_connection(self, conn: socket.socket) -> None:
         with select.epoll() as poller:

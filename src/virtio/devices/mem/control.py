@@ -7,9 +7,8 @@ One command a line, one line back::
 
 Served from the device's own host loop (its sockets are watched through
 ``device.events``), so a new requested size reaches the driver, as a
-configuration change notification. The vhost-user server watches those
-sockets only while a front-end is connected: commands sent with none wait
-(and the client times out).
+configuration change notification (or, with no driver yet, the size
+it finds when it starts).
 ``virtio mem set 64M --control PATH`` is the client (:func:`main`).
 """
 
