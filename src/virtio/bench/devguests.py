@@ -59,6 +59,8 @@ class Job:
 
 
 # Buffered reads on virtiofs (direct_io from cache=never): psync, one request at a time.
+# The guest sends each 1M read as READs of at most 124 pages (the queue size, 128, less
+# 4), one after another: direct_io reads of a synchronous call are not sent in parallel.
 FS_JOBS = [Job("4k randread QD1", "randread", "4k", 1), Job("1M seq read", "read", "1M", 1)]
 SCSI_JOBS = [
     Job("4k randread QD1", "randread", "4k", 1),

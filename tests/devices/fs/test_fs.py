@@ -6,15 +6,20 @@ import errno
 import os
 import stat
 import struct
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from virtio.core.driver import Request
 from virtio.devices.fs import FsDevice, FsDriver, FuseError, FuseServer
+from virtio.devices.fs import server as server_mod
 from virtio.devices.fs import wire as W
 from virtio.devices.fs.device import N_CFG_DEV, N_CFG_DRV, N_HIPRIO_DEV, N_HIPRIO_DRV, N_NOTIFY_DRV
 from virtio.devices.fs.driver import BadReply
+from virtio.devices.fs.server import Inode, Message
 from virtio.devices.fs.wire import Op
 from virtio.errors import DeviceNeedsReset
 from virtio.spec.status import DeviceStatus as S
@@ -598,3 +603,242 @@ def test_driver_rejects_forged_directory_listings(shared: Path, forge: object) -
         with pytest.raises(BadReply):
             driver.readdir(ROOT, fh, 0)
     device.close()
+
+
+# -- zero-copy READ and WRITE, reads on worker threads --------------------------------------
+
+
+def _read_in(fh: int, offset: int, size: int) -> bytes:
+    return W.fmt("<", W.READ_IN).pack(fh, offset, size, 0, 0, 0, 0)
+
+
+def _reply_len(data: bytes) -> int:
+    return int(struct.unpack_from("<I", data, 0)[0])
+
+
+def test_read_into_a_chain_split_over_many_descriptors(
+    fs: tuple[FsDriver, FsDevice, Loopback], shared: Path
+) -> None:
+    driver, _, lb = fs
+    blob = os.urandom(5000)
+    (shared / "f").write_bytes(blob)
+    entry = driver.lookup(ROOT, "f")
+    fh = driver.open(entry.nodeid)
+    # The reply header itself is split (5 + 11 bytes), the data over odd pieces.
+    sizes = [5, 11, 1, 0, 7, 4000, 3, 1000]
+    message = header(Op.READ, entry.nodeid, _read_in(fh, 100, 4800))
+    written, data = driver.call(1, [message[:7], message[7:50], message[50:]], sizes)
+    assert written == W.OUT_HEADER_SIZE + 4800 == _reply_len(data)
+    assert reply_error(data) == 0 and struct.unpack_from("<Q", data, 8)[0] == 99
+    assert data[16:written] == blob[100:4900]
+    assert not lb.read_status() & S.DEVICE_NEEDS_RESET
+
+
+def test_reads_and_writes_over_more_buffers_than_one_syscall_takes(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        blob = os.urandom(server_mod.IOV_MAX + 500)
+        pieces = [memoryview(bytearray(1)) for _ in blob]
+        for piece, byte in zip(pieces, blob, strict=True):
+            piece[0] = byte
+        assert server_mod.pwritev_all(fd, pieces, 3) == len(blob)
+        back = [memoryview(bytearray(1)) for _ in range(len(blob) + 10)]
+        assert server_mod.preadv_all(fd, back, 3) == len(blob)  # stops at end of file
+        assert b"".join(bytes(v) for v in back[: len(blob)]) == blob
+    finally:
+        os.close(fd)
+
+
+def test_short_reads_and_reads_at_eof(
+    fs: tuple[FsDriver, FsDevice, Loopback], shared: Path
+) -> None:
+    driver, _, _ = fs
+    (shared / "f").write_bytes(b"0123456789")
+    entry = driver.lookup(ROOT, "f")
+    fh = driver.open(entry.nodeid)
+    assert driver.read(entry.nodeid, fh, 6, 4096) == b"6789"
+    assert driver.read(entry.nodeid, fh, 10, 4096) == b""
+    assert driver.read(entry.nodeid, fh, 1 << 40, 4096) == b""
+    assert driver.read(entry.nodeid, fh, 0, 0) == b""
+    # The reply's len says what was read, not the room the driver gave.
+    written, data = raw_request(driver, 1, header(Op.READ, entry.nodeid, _read_in(fh, 8, 100)))
+    assert written == 18 == _reply_len(data) and data[16:18] == b"89"
+
+
+@pytest.mark.parametrize(
+    ("offset", "size", "room", "want"),
+    [
+        (0, 0xFFFFFFFF, 64, 48),  # a huge size is cut to the room there is
+        (0, 0xFFFFFFFF, 1 << 21, 1 << 20),  # and to max_read
+        ((1 << 64) - 1, 10, 64, -errno.EINVAL),  # an offset no file has
+        ((1 << 63) - 1, 10, 64, 0),  # the last offset there is: end of file
+    ],
+)
+def test_hostile_read_lengths(
+    fs: tuple[FsDriver, FsDevice, Loopback],
+    shared: Path,
+    offset: int,
+    size: int,
+    room: int,
+    want: int,
+) -> None:
+    driver, _, lb = fs
+    blob = os.urandom(3 << 20)
+    (shared / "f").write_bytes(blob)
+    entry = driver.lookup(ROOT, "f")
+    fh = driver.open(entry.nodeid)
+    message = header(Op.READ, entry.nodeid, _read_in(fh, offset, size))
+    written, data = raw_request(driver, 1, message, room)
+    if want < 0:
+        assert written == 16 and reply_error(data) == want
+    else:
+        assert written == 16 + want == _reply_len(data) and data[16:written] == blob[:want]
+    # Lying lengths and bad handles still get their error replies.
+    for bad, err in [
+        (header(Op.READ, entry.nodeid, _read_in(fh, 0, 4), length=200), errno.EINVAL),
+        (header(Op.READ, entry.nodeid, _read_in(fh + 1000, 0, 4)), errno.EBADF),
+        (header(Op.READ, 4242, _read_in(fh, 0, 4)), errno.ENOENT),
+    ]:
+        written, data = raw_request(driver, 1, bad)
+        assert written == 16 and reply_error(data) == -err
+    wfh = driver.open(entry.nodeid, os.O_WRONLY)
+    written, data = raw_request(driver, 1, header(Op.READ, entry.nodeid, _read_in(wfh, 0, 4)))
+    assert written == 16 and reply_error(data) == -errno.EBADF  # preadv's own error
+    assert not lb.read_status() & S.DEVICE_NEEDS_RESET
+
+
+def test_write_from_a_chain_split_over_many_descriptors(
+    fs: tuple[FsDriver, FsDevice, Loopback], shared: Path
+) -> None:
+    driver, _, lb = fs
+    entry, fh = driver.create(ROOT, "f")
+    blob = os.urandom(3000)
+    body = W.fmt("<", W.WRITE_IN).pack(fh, 10, len(blob), 0, 0, 0, 0)
+    message = header(Op.WRITE, entry.nodeid, body + blob)
+    pieces = [
+        message[:30],
+        message[30:85],
+        *(message[i : i + 700] for i in range(85, len(message), 700)),
+    ]
+    written, data = driver.call(1, pieces, [3, 13, 8])
+    assert written == 24 == _reply_len(data) and reply_error(data) == 0
+    assert struct.unpack_from("<I", data, 16)[0] == len(blob)
+    assert (shared / "f").read_bytes() == bytes(10) + blob
+    # Data past fuse_write_in.size is not written.
+    body = W.fmt("<", W.WRITE_IN).pack(fh, 0, 4, 0, 0, 0, 0)
+    written, data = raw_request(driver, 1, header(Op.WRITE, entry.nodeid, body + b"abcdefgh"))
+    assert struct.unpack_from("<I", data, 16)[0] == 4
+    assert (shared / "f").read_bytes()[:12] == b"abcd" + bytes(6) + blob[:2]
+    # A handle opened for reading: pwritev's EBADF comes back as the reply.
+    rfh = driver.open(entry.nodeid)
+    body = W.fmt("<", W.WRITE_IN).pack(rfh, 0, 3, 0, 0, 0, 0)
+    written, data = raw_request(driver, 1, header(Op.WRITE, entry.nodeid, body + b"xyz"))
+    assert written == 16 and reply_error(data) == -errno.EBADF
+    assert not lb.read_status() & S.DEVICE_NEEDS_RESET
+
+
+@pytest.fixture
+def workers(shared: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FsDriver, FsDevice]]:
+    """A device with two read workers; ``device.log`` has READs and RELEASEs in order."""
+    server = FuseServer(shared)
+    log: list[str] = []
+    real_read = server_mod.preadv_all
+    real_release = server_mod._HANDLERS[Op.RELEASE]
+
+    def slow_preadv(fd: int, views: Sequence[memoryview], offset: int) -> int:
+        # Widens the window a RELEASE would need to close the file under the read.
+        time.sleep(0.05)
+        got = real_read(fd, views, offset)
+        log.append(f"read on {threading.current_thread().name}")
+        return got
+
+    def release(
+        server: FuseServer, node: Inode, body: Message, room: int, uid: int, gid: int
+    ) -> bytes:
+        log.append("release")
+        return real_release(server, node, body, room, uid, gid)
+
+    monkeypatch.setitem(server_mod._HANDLERS, Op.RELEASE, release)
+    monkeypatch.setattr(server_mod, "preadv_all", slow_preadv)
+    device = FsDevice(server, workers=2, inline_max=4096)
+    device.log = log  # type: ignore[attr-defined]
+    with Loopback(device) as lb:
+        driver = FsDriver(lb)
+        driver.initialize()
+        driver.init()
+        yield driver, device
+    device.close()
+
+
+def _submit_read(driver: FsDriver, nodeid: int, fh: int, offset: int, unique: int) -> Request:
+    message = header(Op.READ, nodeid, _read_in(fh, offset, 1 << 14), unique=unique)
+    return driver.submit(1, [message], [16 + (1 << 14)])
+
+
+def test_large_reads_run_on_workers_and_release_waits(
+    workers: tuple[FsDriver, FsDevice], shared: Path
+) -> None:
+    driver, device = workers
+    log: list[str] = device.log  # type: ignore[attr-defined]
+    blob = os.urandom(1 << 16)
+    (shared / "f").write_bytes(blob)
+    entry = driver.lookup(ROOT, "f")
+    fh = driver.open(entry.nodeid)
+    # A lone read (the guest waiting for each one) is served inline.
+    assert driver.read(entry.nodeid, fh, 0, 1 << 14) == blob[: 1 << 14]
+    assert log == ["read on MainThread"]
+    log.clear()
+    # One batch: two reads for the workers, then the RELEASE of their file.
+    reads = [_submit_read(driver, entry.nodeid, fh, i << 14, unique=i) for i in range(2)]
+    release_in = W.fmt("<", W.RELEASE_IN).pack(fh, 0, 0, 0)
+    release = driver.submit(1, [header(Op.RELEASE, entry.nodeid, release_in)], [16])
+    driver.kick(1)
+    for i, request in enumerate([*reads, release]):
+        driver.wait(request)
+        data = driver.read_in_full(request)
+        assert reply_error(data) == 0  # not EBADF: the file was still open
+        if request is not release:
+            assert request.written == 16 + (1 << 14)
+            assert data[16:] == blob[i << 14 : (i + 1) << 14]
+        driver.release(request)
+    assert sorted(log[:2]) == ["read on virtio-fs-io-0", "read on virtio-fs-io-1"]
+    assert log[2:] == ["release"]
+    assert device.server.open_handles == 0
+    assert device.io is not None and device.io.outstanding == 0
+
+
+def test_the_ring_thread_reads_when_every_worker_is_busy(
+    workers: tuple[FsDriver, FsDevice], shared: Path
+) -> None:
+    driver, device = workers
+    log: list[str] = device.log  # type: ignore[attr-defined]
+    blob = os.urandom(1 << 16)
+    (shared / "f").write_bytes(blob)
+    entry = driver.lookup(ROOT, "f")
+    fh = driver.open(entry.nodeid)
+    reads = [_submit_read(driver, entry.nodeid, fh, i << 14, unique=i) for i in range(4)]
+    driver.kick(1)
+    for i, request in enumerate(reads):
+        driver.wait(request)
+        assert driver.read_in_full(request)[16:] == blob[i << 14 : (i + 1) << 14]
+        driver.release(request)
+    assert sorted(log) == [
+        *["read on MainThread"] * 2,
+        "read on virtio-fs-io-0",
+        "read on virtio-fs-io-1",
+    ]
+
+
+def test_reset_waits_for_reads_on_workers(workers: tuple[FsDriver, FsDevice], shared: Path) -> None:
+    driver, device = workers
+    (shared / "f").write_bytes(os.urandom(1 << 16))
+    entry = driver.lookup(ROOT, "f")
+    fh = driver.open(entry.nodeid)
+    for off in (0, 1 << 14, 2 << 14):
+        driver.submit(1, [header(Op.READ, entry.nodeid, _read_in(fh, off, 1 << 14))], [1 << 15])
+    driver.kick(1)
+    driver.initialize()  # a reset while reads are under way
+    assert device.io is not None and device.io.outstanding == 0
+    assert device.server.open_handles == 0
+    driver.init()
+    assert driver.getattr(ROOT).ino

@@ -6,6 +6,12 @@ out header's length must be what the device wrote, its unique the
 request's, its error a negative errno or 0, the payload the size the
 request expects. A failed request raises :class:`FuseError` (an OSError
 carrying the errno).
+
+The DAX window (shared memory region 0) is optional: :meth:`FsDriver.dax_window`
+finds it through the transport (a PCI BAR, the virtio-mmio SHM registers, the
+loopback's region) or says it is absent, and :meth:`FsDriver.pread` /
+:meth:`FsDriver.pwrite` fall back to FUSE_READ/FUSE_WRITE then. The driver
+keeps its own table of what it mapped and refuses to touch anything else.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from virtio.core.driver import DriverTransport, Request, VirtioDriver
+from virtio.core.shm import ShmWindow, find_window
+from virtio.devices.fs import dax
 from virtio.devices.fs import wire as W
 from virtio.devices.fs.wire import Op, Order
 from virtio.errors import NegotiationError, SpecViolation
@@ -25,6 +33,7 @@ from virtio.spec.features import VIRTIO_FS_F_NOTIFICATION
 
 FS = "Device Types / File System Device"
 N_CFG_DEV = f"devicenormative:{FS} / Device configuration layout"
+N_DAX_DRV = f"drivernormative:{FS} / Device Operation / Device Operation: DAX Window"
 
 _DEFAULT_FLAGS = (
     W.InitFlag.ASYNC_READ
@@ -33,6 +42,7 @@ _DEFAULT_FLAGS = (
     | W.InitFlag.DO_READDIRPLUS
     | W.InitFlag.MAX_PAGES
     | W.InitFlag.PARALLEL_DIROPS
+    | W.InitFlag.MAP_ALIGNMENT
 )
 
 
@@ -42,6 +52,10 @@ class FuseError(OSError):
 
 class BadReply(SpecViolation):
     """The device's reply does not hold together."""
+
+
+class UnmappedAccess(SpecViolation):
+    """An access to DAX window bytes this driver has not mapped (or not mapped writable)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,7 @@ class InitReply:
     flags: int
     max_write: int
     max_pages: int
+    map_alignment: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,6 +143,9 @@ class FsDriver(VirtioDriver):
         self.session: InitReply | None = None
         self._unique = itertools.count(1)
         self._notify_requests: list[Request] = []
+        self._window: ShmWindow | None = None
+        self._window_found = False
+        self._mapped: dax.RangeMap[bool] = dax.RangeMap(lambda writable, _delta: writable)
 
     def supported_features(self) -> int:
         return 1 << VIRTIO_FS_F_NOTIFICATION if self.want_notification else 0
@@ -160,6 +178,7 @@ class FsDriver(VirtioDriver):
     def setup(self) -> None:
         self._unique = itertools.count(1)
         self.session = None
+        self._mapped.cut(0, 1 << 64)
 
     @property
     def request_queue(self) -> int:
@@ -233,12 +252,17 @@ class FsDriver(VirtioDriver):
         if len(payload) < W.INIT_OUT_COMPAT_22:
             raise BadReply(f"FUSE_INIT reply of {len(payload)} bytes")
         values = W.fmt(self.order, W.INIT_OUT).unpack(payload.ljust(W.size(W.INIT_OUT), b"\0"))
-        major, minor, readahead, got_flags, _bg, _ct, max_write, _tg, max_pages, *_ = values
+        major, minor, readahead, got_flags, _bg, _ct, max_write, _tg, max_pages, align, *_ = values
         if major != W.KERNEL_VERSION:
             raise BadReply(f"device speaks FUSE {major}.{minor}")
         if got_flags & ~flags:
             raise BadReply(f"device enabled FUSE_INIT flags not offered: {got_flags & ~flags:#x}")
-        self.session = InitReply(major, minor, readahead, got_flags, max_write, max_pages)
+        if not got_flags & W.InitFlag.MAP_ALIGNMENT:
+            align = 0
+        elif align > 63:
+            raise BadReply(f"FUSE_INIT map_alignment {align}")
+        self.session = InitReply(major, minor, readahead, got_flags, max_write, max_pages, align)
+        self._mapped.cut(0, 1 << 64)  # a new session has no mappings
         return self.session
 
     def destroy(self) -> None:
@@ -463,6 +487,116 @@ class FsDriver(VirtioDriver):
 
     def removexattr(self, nodeid: int, name: bytes | str) -> None:
         self.request(Op.REMOVEXATTR, nodeid, _cstr(name), 0)
+
+    # -- the DAX window ----------------------------------------------------------------
+
+    def dax_window(self) -> int | None:
+        """The DAX window's size, or None when shared memory region 0 is absent."""
+        if not self._window_found:
+            self._window = self._find_window()
+            self._window_found = True
+        return None if self._window is None else self._window.length
+
+    def _find_window(self) -> ShmWindow | None:
+        return find_window(self.transport, dax.SHMID_CACHE)
+
+    def _alignment(self) -> int:
+        shift = self.session.map_alignment if self.session is not None else 0
+        return max(1 << shift, 1)
+
+    def setup_mapping(
+        self,
+        nodeid: int,
+        fh: int | None,
+        foffset: int,
+        length: int,
+        moffset: int,
+        writable: bool = False,
+    ) -> None:
+        """FUSE_SETUPMAPPING: ``length`` bytes of the file at window offset ``moffset``.
+
+        ``fh`` None maps by node id (fh = -1, as Linux does).
+        """
+        size = self.dax_window()
+        if size is None:
+            raise FuseError(errno.ENODEV, "no DAX window (shared memory region 0 is absent)")
+        align = self._alignment()
+        if length <= 0 or foffset % align or moffset % align or length % align:
+            raise ValueError(f"mapping of {length:#x} at {moffset:#x} is not {align}-aligned")
+        if moffset + length > size:
+            raise ValueError(f"mapping of {length:#x} at {moffset:#x} ends past {size:#x}")
+        flags = dax.FLAG_READ | (dax.FLAG_WRITE if writable else 0)
+        body = self._pack(
+            dax.SETUPMAPPING_IN, dax.NO_FH if fh is None else fh, foffset, length, flags, moffset
+        )
+        self._mapped.cut(moffset, moffset + length)  # what was there is gone, whatever the reply
+        self.request(Op.SETUPMAPPING, nodeid, body, 0)
+        self._mapped.put(moffset, moffset + length, writable)
+
+    def remove_mapping(self, ranges: Sequence[tuple[int, int]], nodeid: int = W.ROOT_ID) -> None:
+        """FUSE_REMOVEMAPPING of each (moffset, length)."""
+        if not ranges:
+            return
+        body = self._pack(dax.REMOVEMAPPING_IN, len(ranges))
+        body += b"".join(self._pack(dax.REMOVEMAPPING_ONE, m, n) for m, n in ranges)
+        for moffset, length in ranges:
+            self._mapped.cut(moffset, moffset + length)
+        self.request(Op.REMOVEMAPPING, nodeid, body, 0)
+
+    def _checked(self, moffset: int, size: int, *, write: bool) -> ShmWindow:
+        if self.dax_window() is None or self._window is None:
+            raise FuseError(errno.ENODEV, "no DAX window (shared memory region 0 is absent)")
+        accept = (lambda w: w) if write else (lambda _w: True)
+        if size < 0 or not self._mapped.covers(moffset, moffset + size, accept):
+            # The driver MUST NOT access DAX window areas that have not been mapped.
+            what = "mapped writable" if write else "mapped"
+            raise UnmappedAccess(f"{size} bytes at {moffset:#x} are not all {what}", N_DAX_DRV)
+        return self._window
+
+    def dax_read(self, moffset: int, size: int) -> bytes:
+        """Bytes of the window, all inside mappings."""
+        return self._checked(moffset, size, write=False).read(moffset, size)
+
+    def dax_write(self, moffset: int, data: bytes) -> None:
+        """Store into the window, all inside writable mappings."""
+        self._checked(moffset, len(data), write=True).write(moffset, data)
+
+    def pread(self, nodeid: int, fh: int, offset: int, size: int) -> bytes:
+        """File contents through the DAX window (mapped at offset 0 for the call), or FUSE_READ."""
+        span = self._span(offset, size)
+        if span is None:
+            return self.read(nodeid, fh, offset, size)
+        start, length = span
+        size = max(0, min(size, self.getattr(nodeid, fh).size - offset))
+        self.setup_mapping(nodeid, fh, start, length, 0)
+        try:
+            return self.dax_read(offset - start, size)
+        finally:
+            self.remove_mapping([(0, length)], nodeid)
+
+    def pwrite(self, nodeid: int, fh: int, offset: int, data: bytes) -> int:
+        """Store through a writable DAX mapping, or FUSE_WRITE (always for writes that
+        extend the file: window pages past EOF are not the file's)."""
+        span = self._span(offset, len(data))
+        if span is None or offset + len(data) > self.getattr(nodeid, fh).size:
+            return self.write(nodeid, fh, offset, data)
+        start, length = span
+        self.setup_mapping(nodeid, fh, start, length, 0, writable=True)
+        try:
+            self.dax_write(offset - start, data)
+        finally:
+            self.remove_mapping([(0, length)], nodeid)
+        return len(data)
+
+    def _span(self, offset: int, size: int) -> tuple[int, int] | None:
+        """The aligned file range covering a transfer, if the window can hold it."""
+        window = self.dax_window()
+        if window is None or size <= 0:
+            return None
+        align = max(self._alignment(), dax.PAGE)
+        start = offset - offset % align
+        length = -(-(offset + size - start) // align) * align
+        return (start, length) if length <= window else None
 
     # -- notifications -----------------------------------------------------------------
 

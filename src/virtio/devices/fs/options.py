@@ -4,7 +4,9 @@
 none, QEMU sets it), ``--cache auto|always|never``, ``--sandbox none`` (the
 only mode: the server confines the guest by descriptor-relative lookups, not
 by a namespace), ``--announce-submounts``, ``--readonly``,
-``--num-request-queues N``, ``--notification`` (offer VIRTIO_FS_F_NOTIFICATION).
+``--num-request-queues N``, ``--notification`` (offer VIRTIO_FS_F_NOTIFICATION),
+``--cache-size SIZE`` (a DAX window of SIZE bytes as shared memory region 0;
+QEMU's vhost-user-fs device named it so; 0, the default, for none).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import resource
 from pathlib import Path
 
 from virtio.core.device import VirtioDevice
+from virtio.devices.fs.dax import PAGE, DaxWindow
 from virtio.devices.fs.device import DEFAULT_NOTIFY_BUF_SIZE, FsDevice, encode_tag
 from virtio.devices.fs.server import FuseServer
 from virtio.devices.registry import DeviceSettings
+from virtio.sizes import parse_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="offer VIRTIO_FS_F_NOTIFICATION (a notification queue)",
     )
+    p.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default=0,
+        metavar="SIZE",
+        help="DAX window of SIZE bytes (e.g. 1G; a multiple of 2M for Linux guests), 0 for none",
+    )
 
 
 def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> VirtioDevice:
@@ -52,6 +63,8 @@ def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> Virtio
     if args.num_request_queues < 1:
         raise ValueError("--num-request-queues must be at least 1")
     encode_tag(args.tag)
+    if args.cache_size % PAGE:
+        raise ValueError(f"--cache-size {args.cache_size} is not a multiple of {PAGE}")
     # Every inode the guest knows holds a descriptor: allow as many as the host lets us.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -62,6 +75,7 @@ def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> Virtio
         announce_submounts=args.announce_submounts,
         readonly=args.readonly,
     )
+    window = DaxWindow(args.cache_size) if args.cache_size else None
     return FsDevice(
         server,
         tag=args.tag,
@@ -70,6 +84,7 @@ def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> Virtio
         notify_buf_size=DEFAULT_NOTIFY_BUF_SIZE,
         queue_max_size=settings.queue_max_size,
         ring=settings.ring,
+        dax=window,
     )
 
 

@@ -12,8 +12,12 @@ created and only ``user.*`` extended attributes set (the spec's "Security
 Considerations": both would mean something to the host).
 
 File syscalls are made inline and may block: the server is simple and
-serial. A request that lies about its lengths, or names without a NUL, gets
--EINVAL; an OSError becomes its -errno; nothing a guest sends raises.
+serial. READ and WRITE also have a zero-copy form (:meth:`FuseServer.read_job`,
+:meth:`FuseServer.write_job`): ``os.preadv``/``os.pwritev`` straight between
+the file and the request's buffers. A read job touches only a file descriptor
+and those buffers, so the device may run it on a worker thread. A request
+that lies about its lengths, or names without a NUL, gets -EINVAL; an
+OSError becomes its -errno; nothing a guest sends raises.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from virtio.devices.fs import dax
 from virtio.devices.fs import wire as W
 from virtio.devices.fs.wire import Op, Order
 
@@ -38,6 +43,12 @@ _TIMEOUTS: dict[str, float] = {"never": 0.0, "auto": 1.0, "always": 86400.0}
 
 MAX_WRITE = 1 << 20
 MAX_PAGES = MAX_WRITE // 4096
+#: preadv/pwritev take at most this many buffers per call (Linux's UIO_MAXIOV).
+IOV_MAX = 1024
+#: The largest file offset preadv takes; READ/WRITE beyond it go through handle() (EINVAL).
+_MAX_OFFSET = (1 << 63) - 1
+#: fuse_in_header and fuse_read_in / fuse_write_in: what read_job/write_job parse.
+IO_HEAD_SIZE = W.IN_HEADER_SIZE + W.size(W.READ_IN)
 NAME_MAX = 255
 XATTR_MAX = 1 << 16
 U64 = (1 << 64) - 1
@@ -153,6 +164,70 @@ class Message:
         return value
 
 
+def _job_errno(err: Exception) -> int:
+    """The -errno a READ/WRITE job answers for ``err``."""
+    if isinstance(err, OSError):
+        return -(err.errno or errno.EIO)
+    log.error("zero-copy I/O failed: %r", err)  # a server bug must not take the device down
+    return -errno.EIO
+
+
+def split_views(views: Sequence[memoryview], n: int) -> tuple[list[memoryview], list[memoryview]]:
+    """The first ``n`` bytes of ``views`` and the rest, as views (no copies)."""
+    head: list[memoryview] = []
+    pos = 0
+    for i, view in enumerate(views):
+        if pos + view.nbytes <= n:
+            head.append(view)
+            pos += view.nbytes
+            if pos == n:
+                return head, list(views[i + 1 :])
+            continue
+        cut = n - pos
+        head.append(view[:cut])
+        return head, [view[cut:], *views[i + 1 :]]
+    return head, []
+
+
+def scatter(views: Sequence[memoryview], data: bytes) -> None:
+    """Copy ``data`` into the start of ``views`` (which hold at least that much)."""
+    done = 0
+    for view in views:
+        if done == len(data):
+            return
+        take = min(view.nbytes, len(data) - done)
+        view[:take] = data[done : done + take]
+        done += take
+
+
+def preadv_all(fd: int, views: Sequence[memoryview], offset: int) -> int:
+    """Read into ``views`` from ``offset`` until they are full or the file ends."""
+    if len(views) <= IOV_MAX:
+        return os.preadv(fd, views, offset) if views else 0
+    got = 0
+    for i in range(0, len(views), IOV_MAX):
+        batch = views[i : i + IOV_MAX]
+        n = os.preadv(fd, batch, offset + got)
+        got += n
+        if n < sum(v.nbytes for v in batch):
+            return got  # end of file (or a short read of a pipe): the reply is shorter
+    return got
+
+
+def pwritev_all(fd: int, views: Sequence[memoryview], offset: int) -> int:
+    """Write ``views`` at ``offset``; after a short write, what was written."""
+    if len(views) <= IOV_MAX:
+        return os.pwritev(fd, views, offset) if views else 0
+    done = 0
+    for i in range(0, len(views), IOV_MAX):
+        batch = views[i : i + IOV_MAX]
+        n = os.pwritev(fd, batch, offset + done)
+        done += n
+        if n < sum(v.nbytes for v in batch):
+            return done
+    return done
+
+
 def _encode_dev(rdev: int) -> int:
     """A device number in the 32-bit encoding fuse_attr.rdev carries."""
     major, minor = os.major(rdev), os.minor(rdev)
@@ -193,6 +268,8 @@ class FuseServer:
         self._files: dict[int, int] = {}
         self._dirs: dict[int, DirHandle] = {}
         self._next_id = 2
+        #: The DAX window (set by the device that exposes it), or None.
+        self.dax: dax.DaxWindow | None = None
         self.reset_session()
 
     # -- session ---------------------------------------------------------------
@@ -205,6 +282,8 @@ class FuseServer:
         self.inodes = {W.ROOT_ID: root}
         self._by_ino = {(st.st_dev, st.st_ino): W.ROOT_ID}
         self.initialized = False
+        if self.dax is not None:
+            self.dax.clear()
 
     def _close_all(self) -> None:
         for node in self.inodes.values():
@@ -250,8 +329,8 @@ class FuseServer:
             order, W.IN_HEADER
         ).unpack_from(message)
         if opcode == Op.INTERRUPT:
-            # Requests are served inline: whatever it names was answered already,
-            # and FUSE lets a server ignore such an interrupt.
+            # Whatever it names was answered already or is a read under way, and
+            # FUSE lets a server ignore such an interrupt.
             return None
         if opcode in W.NO_REPLY_OPS:
             if length == len(message) and self.initialized:
@@ -287,6 +366,101 @@ class FuseServer:
             return self._reply(order, unique, -errno.EIO, b"", room)
         return self._reply(order, unique, 0, data, room)
 
+    # -- zero-copy READ and WRITE ----------------------------------------------------
+
+    def _io_request(
+        self, head: bytes, length: int, opcode: int
+    ) -> tuple[int, int, int, int] | None:
+        """(unique, fd, offset, size) of a well-formed ``opcode`` request on an open file.
+
+        ``head`` is the message's first IO_HEAD_SIZE bytes, ``length`` the whole
+        message's. None for anything :meth:`handle` must answer (errors included).
+        """
+        if not self.initialized or len(head) < IO_HEAD_SIZE:
+            return None
+        order = self.order
+        size_, op, unique, nodeid, _uid, _gid, _pid, extlen, _ = W.fmt(
+            order, W.IN_HEADER
+        ).unpack_from(head)
+        if op != opcode or size_ != length or extlen or nodeid not in self.inodes:
+            return None
+        fh, offset, size, *_ = W.fmt(order, W.READ_IN).unpack_from(head, W.IN_HEADER_SIZE)
+        fd = self._files.get(fh)
+        if fd is None or offset > _MAX_OFFSET:
+            return None
+        return unique, fd, offset, size
+
+    def read_job(
+        self, message: bytes, reply: Sequence[memoryview], room: int
+    ) -> Callable[[], int] | None:
+        """A READ served straight into ``reply`` (``room`` writable bytes), or None.
+
+        None unless ``message`` is a well-formed READ of an open file: the rest,
+        errors included, goes through :meth:`handle`. The job returns the bytes
+        written (fuse_out_header, then the data) and raises nothing; it touches
+        only the file and ``reply``, so it may run on another thread.
+        """
+        if room < W.OUT_HEADER_SIZE:
+            return None
+        request = self._io_request(message, len(message), Op.READ)
+        if request is None:
+            return None
+        unique, fd, offset, size = request
+        head, data = split_views(reply, W.OUT_HEADER_SIZE)
+        want = min(size, room - W.OUT_HEADER_SIZE, MAX_WRITE)
+        if want < room - W.OUT_HEADER_SIZE:
+            data = split_views(data, want)[0]
+        out = W.fmt(self.order, W.OUT_HEADER)
+
+        def job() -> int:
+            try:
+                got, error = preadv_all(fd, data, offset), 0
+            except Exception as err:  # on a worker thread: an error reply, never a raise
+                got, error = 0, _job_errno(err)
+            scatter(head, out.pack(W.OUT_HEADER_SIZE + got, error, unique))
+            return W.OUT_HEADER_SIZE + got
+
+        return job
+
+    def write_job(
+        self,
+        head: bytes,
+        data: Sequence[memoryview],
+        length: int,
+        reply: Sequence[memoryview],
+        room: int,
+    ) -> Callable[[], int] | None:
+        """A WRITE served straight from ``data`` (the bytes after ``head``), or None.
+
+        ``head`` is the message's first IO_HEAD_SIZE bytes, ``length`` the
+        whole message's; None as for :meth:`read_job`. The job returns the
+        bytes written into ``reply`` (``room`` bytes) and raises nothing.
+        """
+        if room < W.OUT_HEADER_SIZE + W.size(W.WRITE_OUT) or self.readonly:
+            return None
+        if self.dax is not None and self.dax.mappings:
+            return None  # handle() refits the window after a write
+        request = self._io_request(head, length, Op.WRITE)
+        if request is None or request[3] > length - IO_HEAD_SIZE:
+            return None
+        unique, fd, offset, size = request
+        if size < length - IO_HEAD_SIZE:
+            data = split_views(data, size)[0]
+        out = W.fmt(self.order, W.OUT_HEADER)
+        write_out = W.fmt(self.order, W.WRITE_OUT)
+
+        def job() -> int:
+            try:
+                done = pwritev_all(fd, data, offset)
+            except Exception as err:
+                scatter(reply, out.pack(W.OUT_HEADER_SIZE, _job_errno(err), unique))
+                return W.OUT_HEADER_SIZE
+            n = W.OUT_HEADER_SIZE + write_out.size
+            scatter(reply, out.pack(n, 0, unique) + write_out.pack(done, 0))
+            return n
+
+        return job
+
     def _reply(self, order: Order, unique: int, error: int, data: bytes, room: int) -> bytes:
         if W.OUT_HEADER_SIZE + len(data) > room:
             error, data = -errno.EINVAL, b""  # the driver gave too little room for this reply
@@ -307,6 +481,8 @@ class FuseServer:
         self.order = order
         self.minor = min(minor, W.KERNEL_MINOR)
         offered = OFFERED_FLAGS | (W.InitFlag.SUBMOUNTS if self.announce_submounts else 0)
+        if self.dax is not None:
+            offered |= W.InitFlag.MAP_ALIGNMENT
         self.flags = flags & offered
         self.initialized = True
         out = W.fmt(order, W.INIT_OUT).pack(
@@ -319,7 +495,7 @@ class FuseServer:
             MAX_WRITE,
             1,  # time_gran: nanoseconds
             MAX_PAGES,
-            0,  # map_alignment: no DAX window
+            dax.MAP_ALIGNMENT if self.dax is not None else 0,
             0,  # flags2
             0,  # max_stack_depth
         )
@@ -340,7 +516,11 @@ class FuseServer:
         if self.readonly and opcode in _WRITING_OPS:
             raise FuseErrno(errno.EROFS)
         node = self._node(nodeid)
-        return handler(self, node, body, room, uid, gid)
+        try:
+            return handler(self, node, body, room, uid, gid)
+        finally:
+            if self.dax is not None and self.dax.mappings and opcode in _RESIZING_OPS:
+                self.dax.fit()  # a mapped file may have changed size
 
     # -- tables ------------------------------------------------------------------
 
@@ -809,6 +989,34 @@ class FuseServer:
         os.sync()
         return b""
 
+    def _window(self) -> dax.DaxWindow:
+        if self.dax is None:
+            raise FuseErrno(errno.ENOSYS)  # no DAX window: shared memory region 0 is absent
+        return self.dax
+
+    def op_setupmapping(self, node: Inode, body: Message, room: int, uid: int, gid: int) -> bytes:
+        window = self._window()
+        fh, foffset, length, flags, moffset = dax.parse_setupmapping(self.order, body.rest())
+        if flags & ~(dax.FLAG_READ | dax.FLAG_WRITE):
+            raise FuseErrno(errno.EINVAL)
+        writable = bool(flags & dax.FLAG_WRITE)
+        if writable and self.readonly:
+            raise FuseErrno(errno.EROFS)
+        if fh != dax.NO_FH:
+            window.setup(self._file(fh), foffset, length, moffset, writable=writable)
+            return b""
+        # No handle (Linux maps by node id): open the inode for the mapping's access.
+        fd = self._open(node, os.O_RDWR if writable else os.O_RDONLY)
+        try:
+            window.setup(fd, foffset, length, moffset, writable=writable)
+        finally:
+            os.close(fd)
+        return b""
+
+    def op_removemapping(self, node: Inode, body: Message, room: int, uid: int, gid: int) -> bytes:
+        self._window().remove(dax.parse_removemapping(self.order, body.rest()))
+        return b""
+
 
 _Handler = Callable[[FuseServer, Inode, Message, int, int, int], bytes]
 
@@ -847,7 +1055,14 @@ _HANDLERS: dict[int, _Handler] = {
     Op.LSEEK: FuseServer.op_lseek,
     Op.COPY_FILE_RANGE: FuseServer.op_copy_file_range,
     Op.SYNCFS: FuseServer.op_syncfs,
+    Op.SETUPMAPPING: FuseServer.op_setupmapping,
+    Op.REMOVEMAPPING: FuseServer.op_removemapping,
 }
+
+#: Requests that can change a file's size under a DAX mapping.
+_RESIZING_OPS = frozenset(
+    {Op.SETATTR, Op.OPEN, Op.CREATE, Op.WRITE, Op.FALLOCATE, Op.COPY_FILE_RANGE}
+)
 
 _WRITING_OPS = frozenset(
     {
