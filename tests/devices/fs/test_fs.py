@@ -556,17 +556,19 @@ def test_serve_options(tmp_path: Path) -> None:
     DEVICE_TYPE.add_arguments(parser)
     args = parser.parse_args(
         ["--shared-dir", str(tmp_path), "--tag", "t1", "--cache", "never", "--sandbox", "none",
-         "--announce-submounts", "--num-request-queues", "3", "--notification"]
+         "--announce-submounts", "--num-request-queues", "3", "--notification",
+         "--thread-pool-size", "3"]
     )  # fmt: skip
     device = DEVICE_TYPE.from_arguments(args, DeviceSettings())
     assert isinstance(device, FsDevice)
     assert device.config[:2] == b"t1" and struct.unpack_from("<II", device.config, 36) == (3, 4096)
     assert DEVICE_TYPE.num_queues(args) == 5 and len(device.queues) == 5
     assert device.server.cache == "never" and device.server.announce_submounts
+    assert device.io is not None and device.io.count == 3
     device.close()
     with pytest.raises(SystemExit):
         parser.parse_args(["--shared-dir", str(tmp_path), "--sandbox", "namespace"])
-    for bad in (["--tag", "x" * 40], ["--num-request-queues", "0"]):
+    for bad in (["--tag", "x" * 40], ["--num-request-queues", "0"], ["--thread-pool-size", "-1"]):
         with pytest.raises(ValueError):
             DEVICE_TYPE.from_arguments(
                 parser.parse_args(["--shared-dir", str(tmp_path), *bad]), DeviceSettings()

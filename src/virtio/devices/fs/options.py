@@ -49,6 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="offer VIRTIO_FS_F_NOTIFICATION (a notification queue)",
     )
     p.add_argument(
+        "--thread-pool-size",
+        type=int,
+        default=2,
+        metavar="N",
+        help="worker threads for large READs queued together (virtiofsd's name; 0: inline)",
+    )
+    p.add_argument(
         "--cache-size",
         type=parse_size,
         default=0,
@@ -63,6 +70,8 @@ def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> Virtio
     if args.num_request_queues < 1:
         raise ValueError("--num-request-queues must be at least 1")
     encode_tag(args.tag)
+    if not 0 <= args.thread_pool_size <= 64:
+        raise ValueError("--thread-pool-size must be 0..64")
     if args.cache_size % PAGE:
         raise ValueError(f"--cache-size {args.cache_size} is not a multiple of {PAGE}")
     # Every inode the guest knows holds a descriptor: allow as many as the host lets us.
@@ -81,6 +90,7 @@ def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> Virtio
         tag=args.tag,
         num_request_queues=args.num_request_queues,
         notification=args.notification,
+        workers=args.thread_pool_size,
         notify_buf_size=DEFAULT_NOTIFY_BUF_SIZE,
         queue_max_size=settings.queue_max_size,
         ring=settings.ring,
