@@ -549,11 +549,13 @@ def test_serve_options_and_control_fifo(tmp_path: Path) -> None:
     paths = images(tmp_path, MIB, MIB)
     fifo = tmp_path / "ctl"
     args = parser.parse_args(
-        [str(paths[0]), str(paths[1]), "--read-only", "--control", str(fifo), "--no-hotplug"]
-    )
+        [str(paths[0]), str(paths[1]), "--read-only", "--control", str(fifo), "--no-hotplug",
+         "--workers", "3"]
+    )  # fmt: skip
     assert kind.num_queues(args) == 3
     device = kind.from_arguments(args, DeviceSettings())
     assert isinstance(device, ScsiDevice) and device.read_only
+    assert device.io is not None and device.io.count == 3
     assert not device.offered_features >> F.VIRTIO_SCSI_F_HOTPLUG & 1
     assert sorted(device.luns) == [0, 1]
     control = device.control

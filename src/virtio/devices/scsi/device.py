@@ -1,14 +1,22 @@
 """The virtio-scsi host device: one target (0) whose LUNs are image files.
 
 Requests on the request queues are parsed (header, T10 PI fields when
-negotiated, CDB of the driver's ``cdb_size``) and executed inline by the
-:class:`~virtio.devices.scsi.target.LogicalUnit` they address. Everything
-completes before the next chain is read, so task management functions
-never find a task in flight: ABORT TASK and friends complete at once, a
-reset leaves a unit attention behind. The event queue keeps the driver's
-buffers until the host reports a LUN added, removed or changed; an event
-with no buffer to go in is dropped and the next buffer reports
-VIRTIO_SCSI_T_EVENTS_MISSED.
+negotiated, CDB of the driver's ``cdb_size``) and executed by the
+:class:`~virtio.devices.scsi.target.LogicalUnit` they address.
+
+READ and WRITE (10) and (16) of a simple task, with no unit attention, PI
+bytes or bidirectional data, take a fast path: the CDB is decoded in
+place and data moves with ``os.preadv``/``os.pwritev`` straight between
+the image and the guest's buffers. Like virtio-blk, small transfers run
+inline on the ring's thread; larger ones go to worker threads
+(:class:`~virtio.devices.iothreads.IoThreads`), their chains deferred. Every
+other command, and anything odd about a READ or WRITE, takes the general
+path, which first waits for the transfers in flight: it sees every earlier
+command completed, as do task management functions (ABORT TASK and friends
+complete once the tasks in flight have; a reset leaves a unit attention
+behind). The event queue keeps the driver's buffers until the host reports
+a LUN added, removed or changed; an event with no buffer to go in is
+dropped and the next buffer reports VIRTIO_SCSI_T_EVENTS_MISSED.
 
 With VIRTIO_SCSI_F_T10_PI the spec's listing of virtio_scsi_req_cmd puts
 ``pi_bytesout`` and ``pi_bytesin`` after ``cdb``; the drivers and devices
@@ -20,17 +28,29 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections import deque
 from collections.abc import Sequence
 from typing import Protocol
 
 from virtio.core.device import DEFERRED, RingOptions, VirtioDevice
+from virtio.devices.iothreads import IoThreads
 from virtio.devices.scsi import wire as W
 from virtio.devices.scsi.target import (
+    BLOCK_SIZE,
+    CHECK_CONDITION,
+    FUA,
+    GOOD,
+    READ_10,
+    READ_16,
+    RW10,
+    RW16,
     UA_CAPACITY_CHANGED,
     UA_I_T_NEXUS_LOSS,
     UA_REPORTED_LUNS_CHANGED,
     UA_RESET,
+    WRITE_10,
+    WRITE_16,
     LogicalUnit,
     Result,
     cdb_length,
@@ -49,6 +69,17 @@ _MIN_CDB = 6
 #: Larger CDB or sense sizes than this are refused (the driver's write is ignored).
 MAX_CDB_SIZE = 260
 MAX_SENSE_SIZE = 4096
+
+#: lun, id, task_attr: as much of the request header as the fast path needs.
+_FAST_HEADER = struct.Struct("<8sQB")
+_PI_AT = W.REQ_CMD_HEADER.size
+_NO_LEVELS = bytes(4)
+#: The fast path's answer for "not mine: take the general path".
+_GENERAL = -1
+_IOV_MAX = 1024
+
+#: A transfer on a worker thread: queue, chain, unit, write?, length, residual, bytes used.
+_Transfer = tuple[int, Chain, LogicalUnit, bool, int, int, int]
 
 
 class _Closer(Protocol):
@@ -96,9 +127,15 @@ class ScsiDevice(VirtioDevice):
         t10_pi: bool = True,
         queue_max_size: int = 256,
         ring: RingOptions | None = None,
+        workers: int = 2,
+        inline_max: int = 64 << 10,
     ) -> None:
         if not 1 <= num_queues <= 64:
             raise ValueError("num_queues must be 1..64")
+        if workers < 0:
+            raise ValueError("workers must be 0 or more")
+        #: READs and WRITEs larger than this go to the ``workers`` threads (if any).
+        self.inline_max = inline_max
         self.read_only = read_only
         self.num_request_queues = num_queues
         self.offer = {
@@ -122,9 +159,21 @@ class ScsiDevice(VirtioDevice):
         self._events_missed = False
         #: The host side that changes LUNs at run time (the ``--control`` FIFO), if any.
         self.control: _Closer | None = None
-        self.stats = {"commands": 0, "tmf": 0, "events": 0, "events_missed": 0}
+        self.stats = {
+            "commands": 0,
+            "fast": 0,
+            "deferred": 0,
+            "tmf": 0,
+            "events": 0,
+            "events_missed": 0,
+        }
         super().__init__(num_queues=2 + num_queues, queue_max_size=queue_max_size, ring=ring)
         self._layouts()
+        self.io: IoThreads[_Transfer] | None = (
+            IoThreads(self.events, workers, self._transfers_done, name="virtio-scsi-io")
+            if workers
+            else None
+        )
 
     def _layouts(self) -> None:
         order = self.byteorder
@@ -205,6 +254,8 @@ class ScsiDevice(VirtioDevice):
             unit.flush()
 
     def close(self) -> None:
+        if self.io is not None:
+            self.io.close()
         if self.control is not None:
             self.control.close()
             self.control = None
@@ -218,11 +269,11 @@ class ScsiDevice(VirtioDevice):
             return self._control(chain)
         if queue_index == W.EVENTQ:
             return self._event_buffer(chain)
-        return self._command(chain)
+        return self._command(queue_index, chain)
 
     # -- request queues ---------------------------------------------------------------
 
-    def _command(self, chain: Chain) -> int:
+    def _command(self, queue_index: int, chain: Chain) -> int | None:
         self.stats["commands"] += 1
         resp_size = self._resp.size
         if chain.write_len < resp_size:
@@ -232,6 +283,10 @@ class ScsiDevice(VirtioDevice):
                 W.N_REQ_DRV,
             )
             return 0
+        done = self._fast_transfer(queue_index, chain)
+        if done != _GENERAL:
+            return done
+        self._settle()
         pi = self.has(F.VIRTIO_SCSI_F_T10_PI)
         header = self._req.size + self.cdb_size + (self._pi.size if pi else 0)
         sense_room = min(self.sense_size, chain.write_len - resp_size)
@@ -297,6 +352,137 @@ class ScsiDevice(VirtioDevice):
         written = data_start + len(data) if data else resp_size + len(sense)
         return self._respond(chain, W.S_OK, result.status, residual, sense, written)
 
+    # -- the fast path: READ/WRITE (10)/(16) --------------------------------------------
+
+    def _fast_transfer(self, queue_index: int, chain: Chain) -> int | None:
+        """Serve a plain READ/WRITE (10)/(16); _GENERAL for anything else.
+
+        Nothing is changed before the request is known to be one: the general
+        path reads it again from the start and answers whatever is odd about it
+        (a header split over descriptors, a unit attention, a range or length
+        error, PI bytes, another task attribute) as before.
+        """
+        readable = chain.readable
+        if not readable:
+            return _GENERAL
+        first = readable[0]
+        pi = self.negotiated >> F.VIRTIO_SCSI_F_T10_PI & 1
+        at = _PI_AT + (self._pi.size if pi else 0)
+        cdb_size = self.cdb_size
+        header = at + cdb_size
+        if first.nbytes < header:
+            return _GENERAL
+        op = first[at]
+        if op in (READ_10, WRITE_10):
+            if cdb_size < 10:
+                return _GENERAL
+            _op, flags, lba, _group, count = RW10.unpack_from(first, at)
+        elif op in (READ_16, WRITE_16):
+            if cdb_size < 16:
+                return _GENERAL
+            _op, flags, lba, count = RW16.unpack_from(first, at)
+        else:
+            return _GENERAL
+        lun, _tag, task_attr = _FAST_HEADER.unpack_from(first)
+        # Only a simple task: ORDERED and HEAD OF QUEUE wait for what is in flight.
+        if task_attr != W.S_SIMPLE or lun[0] != 1 or lun[1] or lun[4:] != _NO_LEVELS:
+            return _GENERAL
+        # Single-level LUN: peripheral (00b, below 256) or flat space (01b), which
+        # Linux uses for every LUN.
+        if lun[2] >> 6 == 1:
+            unit = self.luns.get((lun[2] & 0x3F) << 8 | lun[3])
+        elif not lun[2]:
+            unit = self.luns.get(lun[3])
+        else:
+            return _GENERAL
+        if unit is None or unit.unit_attention or not count or lba + count > unit.blocks:
+            return _GENERAL
+        if pi and any(self._pi.struct.unpack_from(first, _PI_AT)):
+            return _GENERAL
+        nbytes = count * BLOCK_SIZE
+        resp_size = self._resp.size
+        data_start = resp_size + self.sense_size
+        write = op in (WRITE_10, WRITE_16)
+        if write:
+            data_out_len = chain.read_len - header
+            if unit.read_only or chain.write_len > data_start or data_out_len < nbytes:
+                return _GENERAL
+            views = chain.readable_slices(header, nbytes)
+            residual, written = data_out_len - nbytes, resp_size
+        else:
+            data_in_len = chain.write_len - data_start
+            if chain.read_len != header or data_in_len < nbytes:
+                return _GENERAL
+            views = chain.writable_slices(data_start, nbytes)
+            residual, written = data_in_len - nbytes, data_start + nbytes
+        if len(views) > _IOV_MAX:
+            return _GENERAL
+        self.stats["fast"] += 1
+        unit.stats["write" if write else "read"] += 1
+        fua = bool(flags & FUA)
+        io = self.io
+        if nbytes > self.inline_max and io is not None and io.outstanding < io.count:
+            self.stats["deferred"] += 1
+            token = (queue_index, chain, unit, write, nbytes, residual, written)
+            if write:
+                io.submit(token, lambda: unit.write_from(views, lba, nbytes, fua))
+            else:
+                io.submit(token, lambda: unit.read_into(views, lba, nbytes))
+            return DEFERRED
+        error: OSError | None = None
+        try:
+            if write:
+                unit.write_from(views, lba, nbytes, fua)
+            else:
+                unit.read_into(views, lba, nbytes)
+        except OSError as err:
+            error = err
+        return self._transferred(chain, unit, write, nbytes, residual, written, error)
+
+    def _transferred(
+        self,
+        chain: Chain,
+        unit: LogicalUnit,
+        write: bool,
+        nbytes: int,
+        residual: int,
+        written: int,
+        error: BaseException | None,
+    ) -> int:
+        """Answer a fast-path transfer: GOOD, or CHECK CONDITION with a medium error."""
+        resp_size = self._resp.size
+        if error is not None:
+            # As on the general path: nothing transferred, the whole length is residual.
+            sense = unit.transfer_failed(error, write)[
+                : min(self.sense_size, chain.write_len - resp_size)
+            ]
+            return self._respond(chain, W.S_OK, CHECK_CONDITION, residual + nbytes, sense, 0)
+        first = chain.writable[0]
+        if first.nbytes >= resp_size:
+            self._resp.struct.pack_into(first, 0, 0, residual, 0, GOOD, W.S_OK)
+            return written
+        return self._respond(chain, W.S_OK, GOOD, residual, b"", written)
+
+    def _transfers_done(self, results: list[tuple[_Transfer, object]]) -> None:
+        by_queue: dict[int, list[tuple[Chain, int]]] = {}
+        for (queue_index, chain, unit, write, nbytes, residual, written), result in results:
+            error = result if isinstance(result, BaseException) else None
+            answer = self._transferred(chain, unit, write, nbytes, residual, written, error)
+            by_queue.setdefault(queue_index, []).append((chain, answer))
+        for queue_index, items in by_queue.items():
+            self.complete_many(queue_index, items)
+
+    def _settle(self) -> bool:
+        """Wait for the transfers in flight and complete them; False if some hang."""
+        if self.io is not None and self.io.outstanding:
+            try:
+                self.io.drain()
+            except TimeoutError as err:
+                # A stuck image (a hung NFS server, say): go on rather than stop serving.
+                log.warning("%s; going on without them", err)
+                return False
+        return True
+
     def _respond(
         self, chain: Chain, response: int, status: int, residual: int, sense: bytes, written: int
     ) -> int:
@@ -361,6 +547,9 @@ class ScsiDevice(VirtioDevice):
 
     def _task_management(self, subtype: int, lun_raw: bytes) -> int:
         self.stats["tmf"] += 1
+        # Tasks in flight complete first (they cannot be stopped inside a system call):
+        # the function then finds them done, and its response comes after theirs.
+        self._settle()
         address = decode_lun(lun_raw)
         if address.error:
             return address.error
@@ -380,8 +569,8 @@ class ScsiDevice(VirtioDevice):
             return W.S_FUNCTION_COMPLETE
         if subtype == W.T_TMF_CLEAR_ACA:
             return W.S_FUNCTION_REJECTED  # NACA is not supported: there is never an ACA
-        # ABORT TASK (SET), CLEAR TASK SET, QUERY TASK (SET): every command completed
-        # before this one was read, so no task is in the task set.
+        # ABORT TASK (SET), CLEAR TASK SET, QUERY TASK (SET): every command read
+        # before this one has completed, so no task is in the task set.
         return W.S_FUNCTION_COMPLETE
 
     # -- event queue ------------------------------------------------------------------
@@ -422,6 +611,9 @@ class ScsiDevice(VirtioDevice):
         return True
 
     def quiesce(self, queue_index: int) -> None:
+        if queue_index >= W.REQUESTQ:
+            self._settle()  # transfers on worker threads write into guest memory
+            return
         # Event buffers the device keeps go back holding "no event" (before a reset,
         # a queue reset or a saved ring state), so a driver never reads stale ones.
         if queue_index == W.EVENTQ and self._event_buffers:
@@ -448,9 +640,12 @@ class ScsiDevice(VirtioDevice):
 
     def remove_lun(self, lun: int) -> None:
         """Detach a LUN; its image is closed."""
-        unit = self.luns.pop(lun, None)
-        if unit is None:
+        if lun not in self.luns:
             raise ValueError(f"no LUN {lun}")
+        if not self._settle():
+            # Closing the image now could hand its descriptor to another file.
+            raise ValueError(f"LUN {lun} has transfers that do not finish")
+        unit = self.luns.pop(lun)
         unit.flush()
         unit.close()
         for other in self.luns.values():

@@ -28,6 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--read-only", action="store_true", help="every LUN is write-protected")
     p.add_argument("--num-queues", type=int, default=1, help="request queues (default 1)")
     p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="threads for READ/WRITE transfers over 64 KiB (0: serve everything inline)",
+    )
+    p.add_argument(
         "--control",
         metavar="FIFO",
         help="a FIFO (created if missing) taking 'add PATH', 'remove LUN', 'resize LUN' lines",
@@ -96,6 +102,8 @@ class ControlFifo:
 def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> VirtioDevice:
     if not 1 <= args.num_queues <= 64:
         raise ValueError("--num-queues must be 1..64")
+    if not 0 <= args.workers <= 64:
+        raise ValueError("--workers must be 0..64")
     if len(args.images) > 256:
         raise ValueError("at most 256 images on the command line")
     for image in args.images:
@@ -111,6 +119,7 @@ def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> Virtio
         t10_pi=args.t10_pi,
         queue_max_size=settings.queue_max_size,
         ring=settings.ring,
+        workers=args.workers,
     )
     if args.control:
         device.control = ControlFifo(device, args.control)

@@ -91,6 +91,12 @@ MAX_WRITE_SAME = 1 << 22
 
 VPD_PAGES = (0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2)
 
+#: READ/WRITE (10) and (16) CDBs as far as the transfer length: opcode, flags (FUA is
+#: bit 3), LBA, [group number,] blocks. The device's fast path decodes them.
+RW10 = struct.Struct(">BBIBH")
+RW16 = struct.Struct(">BBQI")
+FUA = 0x08
+
 
 def cdb_length(opcode: int) -> int | None:
     """The CDB length its group code gives (None: variable length or vendor specific)."""
@@ -174,6 +180,28 @@ class LogicalUnit:
     def add_unit_attention(self, sense: Sense) -> None:
         if sense not in self.unit_attention:
             self.unit_attention.append(sense)
+
+    # -- transfers straight between the image and guest buffers ---------------------------
+    # The device checked the CDB (range, write protection, lengths). These touch only
+    # the image and the views, so they may run on a worker thread.
+
+    def read_into(self, views: list[memoryview], lba: int, nbytes: int) -> None:
+        """Read ``nbytes`` from block ``lba`` into ``views`` (which hold exactly that much)."""
+        got = os.preadv(self.fd, views, lba * BLOCK_SIZE)
+        if got < nbytes:
+            _zero_views(views, got)  # the image shrank under the LUN: zeroes, as _read
+
+    def write_from(self, views: list[memoryview], lba: int, nbytes: int, fua: bool) -> None:
+        """Write ``views`` (``nbytes``) at block ``lba``; with FUA, make it durable."""
+        _pwrite_views(self.fd, views, nbytes, lba * BLOCK_SIZE)
+        if fua and self.writeback:
+            os.fdatasync(self.fd)
+
+    def transfer_failed(self, err: BaseException, write: bool) -> bytes:
+        """Count a failed read_into / write_from; the sense data to answer with."""
+        log.warning("LUN %d: I/O error: %s", self.number, err)
+        self.stats["errors"] += 1
+        return fixed_sense(WRITE_ERROR if write else UNRECOVERED_READ_ERROR)
 
     # -- execution ---------------------------------------------------------------------
 
@@ -435,6 +463,17 @@ def _pwrite_views(fd: int, views: Sequence[memoryview], nbytes: int, offset: int
             out.pop(0)
         if out and done:
             out[0] = out[0][done:]
+
+
+def _zero_views(views: list[memoryview], skip: int) -> None:
+    """Zero every byte of ``views`` after the first ``skip``."""
+    pos = 0
+    for v in views:
+        n = v.nbytes
+        if pos + n > skip:
+            start = max(0, skip - pos)
+            v[start:] = bytes(n - start)
+        pos += n
 
 
 # -- SPC data that does not need an image ------------------------------------------------
