@@ -59,8 +59,9 @@ class Job:
 
 
 # Buffered reads on virtiofs (direct_io from cache=never): psync, one request at a time.
-# The guest sends each 1M read as READs of at most 124 pages (the queue size, 128, less
-# 4), one after another: direct_io reads of a synchronous call are not sent in parallel.
+# The guest sends each 1M read as READs of at most the queue size less 4 pages (124 with
+# QEMU's default 128; one READ of 256 pages, FUSE's max_pages, with 1024), one after
+# another: direct_io reads of a synchronous call are not sent in parallel.
 FS_JOBS = [Job("4k randread QD1", "randread", "4k", 1), Job("1M seq read", "read", "1M", 1)]
 SCSI_JOBS = [
     Job("4k randread QD1", "randread", "4k", 1),
@@ -170,7 +171,7 @@ def _run(
 
 
 def bench_fs(
-    work: Path, runtime: int, assets: GuestAssets, threads: int
+    work: Path, runtime: int, assets: GuestAssets, threads: int, queue_size: int
 ) -> list[dict[str, object]]:
     if not os.access(VIRTIOFSD, os.X_OK):
         raise RuntimeError(f"{VIRTIOFSD} is not installed (qemu-system-common)")
@@ -182,7 +183,9 @@ def bench_fs(
         cmd = _serve(
             "fs", ours, ["--shared-dir", str(shared), "--tag", FS_TAGS[0], "--cache", "never"]
         )
-        stack.callback(stop_process, start_process([*cmd, "--no-packed"], ours, work / "pyv.log"))
+        cmd += ["--no-packed", "--queue-size", str(max(queue_size, 256))]
+        cmd += ["--thread-pool-size", str(threads)]
+        stack.callback(stop_process, start_process(cmd, ours, work / "pyv.log"))
         peer = [
             VIRTIOFSD,
             f"--socket-path={theirs}",
@@ -202,7 +205,9 @@ def bench_fs(
             180 + 2 * len(FS_JOBS) * (runtime + 20),
             assets,
             devices=[
-                VhostUserDevice(str(s), FS_ID, "vhost-user-fs-pci", f",tag={tag}")
+                VhostUserDevice(
+                    str(s), FS_ID, "vhost-user-fs-pci", f",tag={tag},queue-size={queue_size}"
+                )
                 for s, tag in zip((ours, theirs), FS_TAGS, strict=True)
             ],
         )
@@ -245,7 +250,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--only", choices=("fs", "scsi"), help="one device type only")
     p.add_argument("--scsi-vm", choices=("uml", "qemu"), default="uml")
     p.add_argument(
-        "--virtiofsd-threads", type=int, default=2, help="virtiofsd --thread-pool-size (default 2)"
+        "--virtiofsd-threads",
+        type=int,
+        default=2,
+        help="--thread-pool-size of virtiofsd and of ours (default 2)",
+    )
+    p.add_argument(
+        "--fs-queue-size",
+        type=int,
+        default=1024,
+        choices=(128, 256, 512, 1024),
+        help="vhost-user-fs-pci queue-size of both devices (default 1024, as QEMU's "
+        "virtiofs instructions set it; QEMU's own default is 128)",
     )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -262,7 +278,9 @@ def main(argv: list[str]) -> int:
             work = Path(tmp)
             if args.only in (None, "fs"):
                 (work / "fs").mkdir()
-                rows += bench_fs(work / "fs", args.runtime, assets, args.virtiofsd_threads)
+                rows += bench_fs(
+                    work / "fs", args.runtime, assets, args.virtiofsd_threads, args.fs_queue_size
+                )
             if args.only in (None, "scsi"):
                 (work / "scsi").mkdir()
                 rows += bench_scsi(work / "scsi", args.runtime, assets, args.scsi_vm)
