@@ -55,6 +55,38 @@ def device_chains_per_s(packed: bool, ndesc: int, seconds: float, size: int = 25
     return done / spent
 
 
+def indirect_chains_per_s(contiguous: bool, seconds: float, ndesc: int = 128) -> float:
+    """Split ring, one indirect table of ``ndesc`` 4 KiB descriptors a chain (a large read:
+    two readable, the rest writable), on pages that follow each other or not."""
+    memory = GuestMemory()
+    memory.add(0, bytearray(64 << 20))
+    layout = RingLayout.contiguous(0x1000, 256, False)
+    alloc = Allocator(0x100000, 60 << 20)
+    driver = driver_queue(memory, layout, allocator=alloc, indirect=True)
+    device = device_queue(memory, layout, indirect=True)
+    stride = 4096 if contiguous else 8192  # a gap after each page: nothing to merge
+    chains = []
+    for _ in range(8):
+        base = alloc.alloc(stride * ndesc)
+        chains.append([(base + stride * i, 4096) for i in range(ndesc)])
+    for segs in chains:
+        driver.add(segs[:2], segs[2:], segs)
+    done = 0
+    spent = 0.0
+    clock = time.perf_counter
+    deadline = clock() + seconds
+    while clock() < deadline:
+        t0 = clock()
+        popped = device.pop_many(256)
+        device.push_many([(c, 0) for c in popped])
+        spent += clock() - t0
+        done += len(popped)
+        for token, _ in driver.get_used():
+            assert isinstance(token, list)
+            driver.add(token[:2], token[2:], token)
+    return done / spent
+
+
 def loopback_blk_requests_per_s(block: int, seconds: float, depth: int = 32) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "disk.img")
@@ -139,6 +171,9 @@ def main(argv: list[str]) -> int:
         for ndesc in (1, 3):
             key = f"{'packed' if packed else 'split'}_{ndesc}desc_chains_per_s"
             results[key] = round(device_chains_per_s(packed, ndesc, args.seconds))
+    for contiguous in (True, False):
+        key = f"split_128desc_indirect_{'contiguous' if contiguous else 'scattered'}_chains_per_s"
+        results[key] = round(indirect_chains_per_s(contiguous, args.seconds))
     for block in (4096, 65536):
         key = f"loopback_blk_{block // 1024}k_requests_per_s"
         results[key] = round(loopback_blk_requests_per_s(block, args.seconds))
