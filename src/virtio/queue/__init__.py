@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from virtio.layout import ByteOrder
 from virtio.memory import Allocator, Memory
-from virtio.queue.common import Chain, RingLayout, decode_notification, encode_notification
+from virtio.queue.common import (
+    Chain,
+    RingLayout,
+    decode_notification,
+    encode_notification,
+    scatter,
+    view_slices,
+)
 from virtio.queue.cursor import ChainReader, ChainWriter, ShortChain
 from virtio.queue.packed import PackedDeviceQueue, PackedDriverQueue, PackedRing
 from virtio.queue.split import SplitDeviceQueue, SplitDriverQueue, SplitRing
@@ -84,4 +91,6 @@ __all__ = [
     "device_queue",
     "driver_queue",
     "encode_notification",
+    "scatter",
+    "view_slices",
 ]

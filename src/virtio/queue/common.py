@@ -198,52 +198,53 @@ class Chain:
     def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Scatter ``data`` into the writable part at ``offset``; returns bytes written."""
         src = memoryview(data).cast("B")
-        total = src.nbytes
-        if offset + total > self.write_len:
+        if offset + src.nbytes > self.write_len:
             raise ValueError(
-                f"write of {total} at {offset} exceeds the {self.write_len}-byte buffer"
+                f"write of {src.nbytes} at {offset} exceeds the {self.write_len}-byte buffer"
             )
-        done = 0
-        pos = 0
-        for piece in self.writable:
-            n = piece.nbytes
-            if pos + n > offset and done < total:
-                start = max(0, offset - pos)
-                take = min(n - start, total - done)
-                piece[start : start + take] = src[done : done + take]
-                done += take
-            pos += n
-            if done == total:
-                break
-        return done
+        return scatter(self.writable, src, offset)
 
     def writable_slices(self, offset: int, length: int) -> list[memoryview]:
         """Views of ``length`` writable bytes from ``offset`` (for ``os.preadv``)."""
-        out: list[memoryview] = []
-        pos = 0
-        end = offset + length
-        for piece in self.writable:
-            n = piece.nbytes
-            if pos + n > offset and pos < end:
-                out.append(piece[max(0, offset - pos) : min(n, end - pos)])
-            pos += n
-            if pos >= end:
-                break
-        return out
+        return view_slices(self.writable, offset, length)
 
     def readable_slices(self, offset: int, length: int) -> list[memoryview]:
         """Views of ``length`` readable bytes from ``offset`` (for ``os.pwritev``)."""
-        out: list[memoryview] = []
-        pos = 0
-        end = offset + length
-        for piece in self.readable:
-            n = piece.nbytes
-            if pos + n > offset and pos < end:
-                out.append(piece[max(0, offset - pos) : min(n, end - pos)])
-            pos += n
-            if pos >= end:
-                break
-        return out
+        return view_slices(self.readable, offset, length)
+
+
+def view_slices(views: Sequence[memoryview], offset: int, length: int) -> list[memoryview]:
+    """Views of ``length`` bytes from ``offset`` of the bytes ``views`` hold in turn (no copy)."""
+    out: list[memoryview] = []
+    pos = 0
+    end = offset + length
+    for piece in views:
+        n = piece.nbytes
+        if pos + n > offset and pos < end:
+            out.append(piece[max(0, offset - pos) : min(n, end - pos)])
+        pos += n
+        if pos >= end:
+            break
+    return out
+
+
+def scatter(views: Sequence[memoryview], data: bytes | memoryview, offset: int = 0) -> int:
+    """Copy ``data`` into the bytes ``views`` hold, from ``offset``; the bytes copied."""
+    src = memoryview(data).cast("B")
+    total = src.nbytes
+    done = 0
+    pos = 0
+    for piece in views:
+        n = piece.nbytes
+        if pos + n > offset and done < total:
+            start = max(0, offset - pos)
+            take = min(n - start, total - done)
+            piece[start : start + take] = src[done : done + take]
+            done += take
+        pos += n
+        if done == total:
+            break
+    return done
 
 
 def refusal(chain: Chain, written: int) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from virtio.core.driver import Request
+from virtio.devices import fileio
 from virtio.devices.fs import FsDevice, FsDriver, FuseError, FuseServer
 from virtio.devices.fs import server as server_mod
 from virtio.devices.fs import wire as W
@@ -639,13 +640,13 @@ def test_read_into_a_chain_split_over_many_descriptors(
 def test_reads_and_writes_over_more_buffers_than_one_syscall_takes(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
     try:
-        blob = os.urandom(server_mod.IOV_MAX + 500)
+        blob = os.urandom(fileio.IOV_MAX + 500)
         pieces = [memoryview(bytearray(1)) for _ in blob]
         for piece, byte in zip(pieces, blob, strict=True):
             piece[0] = byte
-        assert server_mod.pwritev_all(fd, pieces, 3) == len(blob)
+        assert fileio.pwritev_all(fd, pieces, 3) == len(blob)
         back = [memoryview(bytearray(1)) for _ in range(len(blob) + 10)]
-        assert server_mod.preadv_all(fd, back, 3) == len(blob)  # stops at end of file
+        assert fileio.preadv_all(fd, back, 3) == len(blob)  # stops at end of file
         assert b"".join(bytes(v) for v in back[: len(blob)]) == blob
     finally:
         os.close(fd)
@@ -744,7 +745,7 @@ def workers(shared: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FsD
     """A device with two read workers; ``device.log`` has READs and RELEASEs in order."""
     server = FuseServer(shared)
     log: list[str] = []
-    real_read = server_mod.preadv_all
+    real_read = fileio.preadv_all
     real_release = server_mod._HANDLERS[Op.RELEASE]
 
     def slow_preadv(fd: int, views: Sequence[memoryview], offset: int) -> int:

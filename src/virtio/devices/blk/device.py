@@ -41,6 +41,7 @@ from virtio.devices.blk.wire import (
     T_SECURE_ERASE,
     T_WRITE_ZEROES,
 )
+from virtio.devices.fileio import preadv_all, pwritev_full, zero_views
 from virtio.devices.imagefile import CAN_PUNCH_HOLES, punch_hole, write_zeroes
 from virtio.devices.iothreads import IoThreads
 from virtio.queue import Chain, ChainReader, ChainWriter
@@ -50,7 +51,6 @@ from virtio.spec.device_ids import DeviceId
 log = logging.getLogger("virtio.blk")
 
 _SEG_SIZE = BLK_DISCARD_WRITE_ZEROES.size
-_IOV_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -358,37 +358,18 @@ class BlkDevice(VirtioDevice):
 
     def _preadv(self, views: list[memoryview], sector: int, nbytes: int) -> tuple[int, int]:
         # Runs inline or on a worker thread: touches only the image and the views.
-        offset = sector * SECTOR_SIZE
         if nbytes == 0:
             return S_OK, 0
-        if len(views) <= _IOV_MAX:
-            got = os.preadv(self.fd, views, offset)
-            if got < nbytes:
-                _zero_views(views, got)  # past the end of a short image: zeroes
-            return S_OK, nbytes
-        done = 0
-        while views:
-            batch = views[:_IOV_MAX]
-            got = os.preadv(self.fd, batch, offset + done)
-            want = sum(v.nbytes for v in batch)
-            if got < want:
-                _zero_views(batch, got)
-            done += want
-            views = views[_IOV_MAX:]
+        got = preadv_all(self.fd, views, sector * SECTOR_SIZE)
+        if got < nbytes:
+            zero_views(views, got)  # past the end of a short image: zeroes
         return S_OK, nbytes
 
     def _pwritev(self, views: list[memoryview], sector: int) -> tuple[int, int]:
         # Runs inline or on a worker thread: touches only the image and the views.
-        offset = sector * SECTOR_SIZE
         if not views:
             return S_OK, 0
-        for i in range(0, len(views), _IOV_MAX):
-            batch = views[i : i + _IOV_MAX]
-            want = sum(v.nbytes for v in batch)
-            put = os.pwritev(self.fd, batch, offset)
-            if put != want:
-                _write_all(self.fd, batch, offset, put)
-            offset += want
+        pwritev_full(self.fd, views, sector * SECTOR_SIZE)
         if not self.writeback:
             os.fdatasync(self.fd)
         return S_OK, 0
@@ -459,25 +440,6 @@ class BlkDevice(VirtioDevice):
 
 
 N_BLK_DEV = N_BLK_DEV_OP
-
-
-def _zero_views(views: list[memoryview], skip: int) -> None:
-    pos = 0
-    for v in views:
-        n = v.nbytes
-        if pos + n > skip:
-            start = max(0, skip - pos)
-            v[start:] = bytes(n - start)
-        pos += n
-
-
-def _write_all(fd: int, views: list[memoryview], offset: int, done: int) -> None:
-    data = b"".join(views)[done:]
-    offset += done
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data = data[n:]
-        offset += n
 
 
 __all__ = ["N_BLK_DEV", "N_BLK_DEV_OP", "BlkDevice", "BlkOptions"]

@@ -32,9 +32,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from virtio.devices.fileio import preadv_all, pwritev_all
 from virtio.devices.fs import dax
 from virtio.devices.fs import wire as W
 from virtio.devices.fs.wire import Op, Order
+from virtio.queue import scatter, view_slices
 
 log = logging.getLogger("virtio.fs")
 
@@ -43,8 +45,6 @@ _TIMEOUTS: dict[str, float] = {"never": 0.0, "auto": 1.0, "always": 86400.0}
 
 MAX_WRITE = 1 << 20
 MAX_PAGES = MAX_WRITE // 4096
-#: preadv/pwritev take at most this many buffers per call (Linux's UIO_MAXIOV).
-IOV_MAX = 1024
 #: The largest file offset preadv takes; READ/WRITE beyond it go through handle() (EINVAL).
 _MAX_OFFSET = (1 << 63) - 1
 #: fuse_in_header and fuse_read_in / fuse_write_in: what read_job/write_job parse.
@@ -170,62 +170,6 @@ def _job_errno(err: Exception) -> int:
         return -(err.errno or errno.EIO)
     log.error("zero-copy I/O failed: %r", err)  # a server bug must not take the device down
     return -errno.EIO
-
-
-def split_views(views: Sequence[memoryview], n: int) -> tuple[list[memoryview], list[memoryview]]:
-    """The first ``n`` bytes of ``views`` and the rest, as views (no copies)."""
-    head: list[memoryview] = []
-    pos = 0
-    for i, view in enumerate(views):
-        if pos + view.nbytes <= n:
-            head.append(view)
-            pos += view.nbytes
-            if pos == n:
-                return head, list(views[i + 1 :])
-            continue
-        cut = n - pos
-        head.append(view[:cut])
-        return head, [view[cut:], *views[i + 1 :]]
-    return head, []
-
-
-def scatter(views: Sequence[memoryview], data: bytes) -> None:
-    """Copy ``data`` into the start of ``views`` (which hold at least that much)."""
-    done = 0
-    for view in views:
-        if done == len(data):
-            return
-        take = min(view.nbytes, len(data) - done)
-        view[:take] = data[done : done + take]
-        done += take
-
-
-def preadv_all(fd: int, views: Sequence[memoryview], offset: int) -> int:
-    """Read into ``views`` from ``offset`` until they are full or the file ends."""
-    if len(views) <= IOV_MAX:
-        return os.preadv(fd, views, offset) if views else 0
-    got = 0
-    for i in range(0, len(views), IOV_MAX):
-        batch = views[i : i + IOV_MAX]
-        n = os.preadv(fd, batch, offset + got)
-        got += n
-        if n < sum(v.nbytes for v in batch):
-            return got  # end of file (or a short read of a pipe): the reply is shorter
-    return got
-
-
-def pwritev_all(fd: int, views: Sequence[memoryview], offset: int) -> int:
-    """Write ``views`` at ``offset``; after a short write, what was written."""
-    if len(views) <= IOV_MAX:
-        return os.pwritev(fd, views, offset) if views else 0
-    done = 0
-    for i in range(0, len(views), IOV_MAX):
-        batch = views[i : i + IOV_MAX]
-        n = os.pwritev(fd, batch, offset + done)
-        done += n
-        if n < sum(v.nbytes for v in batch):
-            return done
-    return done
 
 
 def _encode_dev(rdev: int) -> int:
@@ -406,10 +350,8 @@ class FuseServer:
         if request is None:
             return None
         unique, fd, offset, size = request
-        head, data = split_views(reply, W.OUT_HEADER_SIZE)
-        want = min(size, room - W.OUT_HEADER_SIZE, MAX_WRITE)
-        if want < room - W.OUT_HEADER_SIZE:
-            data = split_views(data, want)[0]
+        head = view_slices(reply, 0, W.OUT_HEADER_SIZE)
+        data = view_slices(reply, W.OUT_HEADER_SIZE, min(size, room - W.OUT_HEADER_SIZE, MAX_WRITE))
         out = W.fmt(self.order, W.OUT_HEADER)
 
         def job() -> int:
@@ -445,7 +387,7 @@ class FuseServer:
             return None
         unique, fd, offset, size = request
         if size < length - IO_HEAD_SIZE:
-            data = split_views(data, size)[0]
+            data = view_slices(data, 0, size)
         out = W.fmt(self.order, W.OUT_HEADER)
         write_out = W.fmt(self.order, W.WRITE_OUT)
 

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from virtio.core.device import DEFERRED, RingOptions, VirtioDevice
+from virtio.devices.fileio import IOV_MAX
 from virtio.devices.iothreads import IoThreads
 from virtio.devices.scsi import wire as W
 from virtio.devices.scsi.target import (
@@ -76,7 +77,6 @@ _PI_AT = W.REQ_CMD_HEADER.size
 _NO_LEVELS = bytes(4)
 #: The fast path's answer for "not mine: take the general path".
 _GENERAL = -1
-_IOV_MAX = 1024
 
 #: A transfer on a worker thread: queue, chain, unit, write?, length, residual, bytes used.
 _Transfer = tuple[int, Chain, LogicalUnit, bool, int, int, int]
@@ -415,7 +415,7 @@ class ScsiDevice(VirtioDevice):
                 return _GENERAL
             views = chain.writable_slices(data_start, nbytes)
             residual, written = data_in_len - nbytes, data_start + nbytes
-        if len(views) > _IOV_MAX:
+        if len(views) > IOV_MAX:
             return _GENERAL
         self.stats["fast"] += 1
         unit.stats["write" if write else "read"] += 1
@@ -425,14 +425,14 @@ class ScsiDevice(VirtioDevice):
             self.stats["deferred"] += 1
             token = (queue_index, chain, unit, write, nbytes, residual, written)
             if write:
-                io.submit(token, lambda: unit.write_from(views, lba, nbytes, fua))
+                io.submit(token, lambda: unit.write_from(views, lba, fua))
             else:
                 io.submit(token, lambda: unit.read_into(views, lba, nbytes))
             return DEFERRED
         error: OSError | None = None
         try:
             if write:
-                unit.write_from(views, lba, nbytes, fua)
+                unit.write_from(views, lba, fua)
             else:
                 unit.read_into(views, lba, nbytes)
         except OSError as err:

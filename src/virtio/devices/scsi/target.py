@@ -18,8 +18,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from virtio.devices.fileio import preadv_all, pwritev_full, zero_views
 from virtio.devices.imagefile import CAN_PUNCH_HOLES, punch_hole, write_zeroes
 from virtio.devices.scsi.wire import report_luns_entry
+from virtio.queue import view_slices
 
 log = logging.getLogger("virtio.scsi")
 
@@ -187,13 +189,13 @@ class LogicalUnit:
 
     def read_into(self, views: list[memoryview], lba: int, nbytes: int) -> None:
         """Read ``nbytes`` from block ``lba`` into ``views`` (which hold exactly that much)."""
-        got = os.preadv(self.fd, views, lba * BLOCK_SIZE)
+        got = preadv_all(self.fd, views, lba * BLOCK_SIZE)
         if got < nbytes:
-            _zero_views(views, got)  # the image shrank under the LUN: zeroes, as _read
+            zero_views(views, got)  # the image shrank under the LUN: zeroes, as _read
 
-    def write_from(self, views: list[memoryview], lba: int, nbytes: int, fua: bool) -> None:
-        """Write ``views`` (``nbytes``) at block ``lba``; with FUA, make it durable."""
-        _pwrite_views(self.fd, views, nbytes, lba * BLOCK_SIZE)
+    def write_from(self, views: list[memoryview], lba: int, fua: bool) -> None:
+        """Write ``views`` at block ``lba``; with FUA, make it durable."""
+        pwritev_full(self.fd, views, lba * BLOCK_SIZE)
         if fua and self.writeback:
             os.fdatasync(self.fd)
 
@@ -308,7 +310,7 @@ class LogicalUnit:
         nbytes = count * BLOCK_SIZE
         if nbytes > out_len:
             raise _Overrun
-        _pwrite_views(self.fd, data_out, nbytes, lba * BLOCK_SIZE)
+        pwritev_full(self.fd, view_slices(data_out, 0, nbytes), lba * BLOCK_SIZE)
         if cdb[0] != WRITE_6 and cdb[1] & 0x08 and self.writeback:
             os.fdatasync(self.fd)  # FUA: the data must be on the medium
         self.stats["write"] += 1
@@ -443,37 +445,6 @@ def _lba_count(cdb: bytes) -> tuple[int, int]:
         raise _Error(INVALID_FIELD_IN_CDB)
     lba, count = struct.unpack_from(">QI", cdb, 2)
     return int(lba), int(count)
-
-
-def _pwrite_views(fd: int, views: Sequence[memoryview], nbytes: int, offset: int) -> None:
-    """Write the first ``nbytes`` of ``views`` at ``offset``."""
-    out: list[memoryview] = []
-    left = nbytes
-    for v in views:
-        if left <= 0:
-            break
-        take = v[:left] if v.nbytes > left else v
-        out.append(take)
-        left -= take.nbytes
-    while out:
-        done = os.pwritev(fd, out, offset)
-        offset += done
-        while out and done >= out[0].nbytes:
-            done -= out[0].nbytes
-            out.pop(0)
-        if out and done:
-            out[0] = out[0][done:]
-
-
-def _zero_views(views: list[memoryview], skip: int) -> None:
-    """Zero every byte of ``views`` after the first ``skip``."""
-    pos = 0
-    for v in views:
-        n = v.nbytes
-        if pos + n > skip:
-            start = max(0, skip - pos)
-            v[start:] = bytes(n - start)
-        pos += n
 
 
 # -- SPC data that does not need an image ------------------------------------------------
