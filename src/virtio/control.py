@@ -16,7 +16,9 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 from virtio.core.events import EventSources
 
@@ -133,6 +135,36 @@ class LineControl:
         A ValueError's message is answered as ``error: MESSAGE``.
         """
         raise NotImplementedError
+
+
+class ControlledDevice(Protocol):
+    """A device with a control socket: its host loop's events, and closers run by close()."""
+
+    events: EventSources
+    closers: list[Callable[[], None]]
+
+    def close(self) -> None: ...
+
+
+D = TypeVar("D", bound=ControlledDevice)
+
+
+class DeviceControl(LineControl, Generic[D]):
+    """The control socket of one device: served from its host loop, closed with it."""
+
+    def __init__(self, path: str | os.PathLike[str], device: D) -> None:
+        super().__init__(path, device.events)
+        self.device = device
+        device.closers.append(self.close)
+
+    @classmethod
+    def attach(cls, path: str | os.PathLike[str], device: D) -> None:
+        """Listen on ``path`` for ``device``; if that fails the device is closed too."""
+        try:
+            cls(path, device)
+        except OSError:
+            device.close()
+            raise
 
 
 def request(path: str | os.PathLike[str], line: str, timeout: float = 10.0) -> str:

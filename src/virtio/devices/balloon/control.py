@@ -17,9 +17,8 @@ client (:func:`main`).
 from __future__ import annotations
 
 import logging
-import os
 
-from virtio.control import LineControl, client_main
+from virtio.control import DeviceControl, client_main
 from virtio.devices.balloon import wire as W
 from virtio.devices.balloon.device import MAX_PAGES, BalloonDevice
 from virtio.sizes import format_size, parse_size
@@ -27,15 +26,10 @@ from virtio.sizes import format_size, parse_size
 log = logging.getLogger("virtio.balloon")
 
 
-class BalloonControl(LineControl):
+class BalloonControl(DeviceControl[BalloonDevice]):
     """The control socket of one balloon device."""
 
     usage = "set SIZE, status, stats, hint [stop|done]"
-
-    def __init__(self, path: str | os.PathLike[str], device: BalloonDevice) -> None:
-        super().__init__(path, device.events)
-        self.device = device
-        device.closers.append(self.close)
 
     def answer(self, verb: str, args: list[str]) -> str | None:
         device = self.device

@@ -82,11 +82,7 @@ def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> Virtio
     if args.control:
         from virtio.devices.balloon.control import BalloonControl
 
-        try:
-            BalloonControl(args.control, device)
-        except OSError:
-            device.close()
-            raise
+        BalloonControl.attach(args.control, device)
     return device
 
 

@@ -15,24 +15,18 @@ it finds when it starts).
 from __future__ import annotations
 
 import logging
-import os
 
-from virtio.control import LineControl, client_main
+from virtio.control import DeviceControl, client_main
 from virtio.devices.mem.device import MemDevice
 from virtio.sizes import format_size, parse_size
 
 log = logging.getLogger("virtio.mem")
 
 
-class MemControl(LineControl):
+class MemControl(DeviceControl[MemDevice]):
     """The control socket of one mem device."""
 
     usage = "set SIZE, status"
-
-    def __init__(self, path: str | os.PathLike[str], device: MemDevice) -> None:
-        super().__init__(path, device.events)
-        self.device = device
-        device.closers.append(self.close)
 
     def answer(self, verb: str, args: list[str]) -> str | None:
         device = self.device

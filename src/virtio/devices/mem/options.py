@@ -77,11 +77,7 @@ def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> Virtio
     if args.control:
         from virtio.devices.mem.control import MemControl
 
-        try:
-            MemControl(args.control, device)
-        except OSError:
-            device.close()
-            raise
+        MemControl.attach(args.control, device)
     return device
 
 

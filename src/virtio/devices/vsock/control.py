@@ -13,21 +13,14 @@ sockets. ``virtio vsock reset --control PATH`` is the client (:func:`main`).
 
 from __future__ import annotations
 
-import os
-
-from virtio.control import LineControl, client_main
+from virtio.control import DeviceControl, client_main
 from virtio.devices.vsock.device import VsockDevice
 
 
-class VsockControl(LineControl):
+class VsockControl(DeviceControl[VsockDevice]):
     """The control socket of one vsock device."""
 
     usage = "reset, status"
-
-    def __init__(self, path: str | os.PathLike[str], device: VsockDevice) -> None:
-        super().__init__(path, device.events)
-        self.device = device
-        device.closers.append(self.close)
 
     def answer(self, verb: str, args: list[str]) -> str | None:
         device = self.device

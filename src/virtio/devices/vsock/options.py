@@ -94,11 +94,7 @@ def from_arguments(args: argparse.Namespace, settings: DeviceSettings) -> Virtio
     if args.control:
         from virtio.devices.vsock.control import VsockControl
 
-        try:
-            VsockControl(args.control, device)
-        except OSError:
-            device.close()
-            raise
+        VsockControl.attach(args.control, device)
     return device
 
 
