@@ -673,6 +673,21 @@ class VirtioDevice:
             self.fail(err.message, err.normative)
             return []
 
+    def pop_receive_buffer(self, index: int, normative: str) -> Chain | None:
+        """One available buffer for the device to fill (a receive queue's), or None.
+
+        A buffer with device-readable parts breaks the rule ``normative`` names:
+        the device fails and takes nothing.
+        """
+        chains = self.pop_available(index, 1)
+        if not chains:
+            return None
+        chain = chains[0]
+        if chain.read_len:
+            self.fail(f"receive queue {index}: buffer has device-readable parts", normative)
+            return None
+        return chain
+
     def push_used(self, index: int, items: Sequence[tuple[Chain, int]]) -> None:
         """Return chains taken with :meth:`pop_available`, as one batch."""
         q = self.queues[index]

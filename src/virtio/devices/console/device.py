@@ -8,7 +8,7 @@ port up (PORT_READY), says whether it is a console (CONSOLE_PORT), its name
 held until the driver has opened it, so a guest that discards input for
 closed ports loses nothing.
 
-Receive buffers are taken when host input arrives (``pop_available``), not
+Receive buffers are taken when host input arrives (``pop_receive_buffer``), not
 when the driver kicks; host input the guest has no room for waits, and past
 :data:`INPUT_LIMIT` bytes the host side is asked to stop reading. Host I/O
 goes through ``self.events`` (see :mod:`virtio.devices.console.host`).
@@ -331,15 +331,8 @@ class ConsoleDevice(VirtioDevice):
     def _take(self, index: int, port: Port | None) -> Chain | None:
         if port is not None and port.spare:
             return port.spare.popleft()
-        chains = self.pop_available(index, 1)
-        if not chains:
-            return None
-        chain = chains[0]
-        if chain.read_len:
-            # The driver MUST NOT put a device-readable buffer in a receiveq.
-            self.fail(f"receiveq {index} buffer has device-readable parts", N_OP_DRV)
-            return None
-        return chain
+        # The driver MUST NOT put a device-readable buffer in a receiveq.
+        return self.pop_receive_buffer(index, N_OP_DRV)
 
     def _complete(self, index: int, chain: Chain, written: int) -> None:
         q = self.queues[index]

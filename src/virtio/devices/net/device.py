@@ -718,12 +718,8 @@ class NetDevice(VirtioDevice):
     def _take(self, index: int, rx: _RxQueue) -> Chain | None:
         if rx.spare:
             return rx.spare.popleft()
-        chains = self.pop_available(index, 1)
-        if not chains:
-            return None
-        chain = chains[0]
-        if chain.read_len:
-            self.fail(f"receive queue {index}: buffer has device-readable parts", N_FRAMING_DRV)
+        chain = self.pop_receive_buffer(index, N_FRAMING_DRV)
+        if chain is None:
             return None
         if chain.write_len < self._hdr_size:
             # Each buffer MUST be at least the header's size.
