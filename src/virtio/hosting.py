@@ -104,7 +104,7 @@ class UnixServer:
         try:
             while not self.stop_event.is_set():
                 if not self._wait_for_peer(self.listener):
-                    continue
+                    break
                 try:
                     conn, _ = self.listener.accept()
                 except OSError as err:  # e.g. out of fds: retry shortly
@@ -127,23 +127,30 @@ class UnixServer:
             self.close()
 
     def _wait_for_peer(self, listener: socket.socket) -> bool:
-        """Up to 0.2 s for a peer (True: one waits); the device's own events are served
-        meanwhile, so a control socket answers while no peer is connected."""
+        """Wait for a peer (True: one waits; False: stop() was called), in steps of at
+        most 0.2 s; the device's own events are served meanwhile, so a control socket
+        answers while no peer is connected."""
         events = self.idle_events()
         if events is None:
-            ready, _, _ = select.select([listener], [], [], 0.2)
-            return bool(ready)
+            while not self.stop_event.is_set():
+                ready, _, _ = select.select([listener], [], [], 0.2)
+                if ready:
+                    return True
+            return False
         with select.epoll() as poller, DeviceFds(poller, events) as fds:
             poller.register(listener.fileno(), select.EPOLLIN)
-            deadline = events.next_deadline(time.monotonic())
-            timeout = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
-            for fd, _mask in poller.poll(timeout):
-                if fd == listener.fileno():
-                    return True
-                if fd in fds.watched:
-                    self._idle_event(events, fd)
-            if deadline is not None:
-                self._idle_event(events, None)
+            while not self.stop_event.is_set():
+                deadline = events.next_deadline(time.monotonic())
+                timeout = 0.2
+                if deadline is not None:
+                    timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+                for fd, _mask in poller.poll(timeout):
+                    if fd == listener.fileno():
+                        return True
+                    if fd in fds.watched:
+                        self._idle_event(events, fd)
+                if deadline is not None:
+                    self._idle_event(events, None)
         return False
 
     def _idle_event(self, events: EventSources, fd: int | None) -> None:
