@@ -493,12 +493,9 @@ class FsDriver(VirtioDriver):
     def dax_window(self) -> int | None:
         """The DAX window's size, or None when shared memory region 0 is absent."""
         if not self._window_found:
-            self._window = self._find_window()
+            self._window = find_window(self.transport, dax.SHMID_CACHE)
             self._window_found = True
         return None if self._window is None else self._window.length
-
-    def _find_window(self) -> ShmWindow | None:
-        return find_window(self.transport, dax.SHMID_CACHE)
 
     def _alignment(self) -> int:
         shift = self.session.map_alignment if self.session is not None else 0
