@@ -9,38 +9,40 @@ resume after a short write, and zeroes where a file ended early.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 #: preadv/pwritev take at most this many buffers per call (Linux's UIO_MAXIOV).
 IOV_MAX = 1024
 
 
-def preadv_all(fd: int, views: Sequence[memoryview], offset: int) -> int:
-    """Read into ``views`` from ``offset`` until they are full or the file ends; bytes read."""
+def _batched(
+    call: Callable[[int, Sequence[memoryview], int], int],
+    fd: int,
+    views: Sequence[memoryview],
+    offset: int,
+) -> int:
+    """``call`` (preadv or pwritev) over ``views`` in batches of IOV_MAX; stops after a
+    short one. The bytes moved."""
     if len(views) <= IOV_MAX:
-        return os.preadv(fd, views, offset) if views else 0
-    got = 0
+        return call(fd, views, offset) if views else 0
+    moved = 0
     for i in range(0, len(views), IOV_MAX):
         batch = views[i : i + IOV_MAX]
-        n = os.preadv(fd, batch, offset + got)
-        got += n
+        n = call(fd, batch, offset + moved)
+        moved += n
         if n < sum(v.nbytes for v in batch):
-            return got  # end of file (or a short read of a pipe): the rest is not read
-    return got
+            return moved  # end of file, a short read of a pipe, a short write
+    return moved
+
+
+def preadv_all(fd: int, views: Sequence[memoryview], offset: int) -> int:
+    """Read into ``views`` from ``offset`` until they are full or the file ends; bytes read."""
+    return _batched(os.preadv, fd, views, offset)
 
 
 def pwritev_all(fd: int, views: Sequence[memoryview], offset: int) -> int:
     """Write ``views`` at ``offset`` in batches; after a short write, what was written."""
-    if len(views) <= IOV_MAX:
-        return os.pwritev(fd, views, offset) if views else 0
-    done = 0
-    for i in range(0, len(views), IOV_MAX):
-        batch = views[i : i + IOV_MAX]
-        n = os.pwritev(fd, batch, offset + done)
-        done += n
-        if n < sum(v.nbytes for v in batch):
-            return done
-    return done
+    return _batched(os.pwritev, fd, views, offset)
 
 
 def pwritev_full(fd: int, views: Sequence[memoryview], offset: int) -> None:
